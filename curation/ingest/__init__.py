@@ -1,0 +1,275 @@
+"""Ingestion: read sources, normalise to the pair schema, quarantine what cannot be a pair.
+
+Invariant, per source: rows read == pairs + quarantined. Rows stream through a staging
+table inside one catalog transaction; duplicates and contradictions are resolved by SQL
+over the whole run at the end, so memory holds one batch, not the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from curation.errors import NoValidPairsError, TooManyBadRowsError
+from curation.ingest.formats import Layout, detect_layout, normalise_batch
+from curation.ingest.readers import RawBatch, read_source
+from curation.ingest.sources import Source, resolve_sources
+from curation.progress import progress_bar
+from curation.schema import QUARANTINE_SCHEMA, Format, Reason
+from curation.store import Catalog, fetch_arrow
+
+__all__ = ["IngestOptions", "IngestResult", "ingest", "make_run_id", "resolve_sources"]
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    format: Format = Format.AUTO
+    batch_size: int = 5000
+    max_bytes: int = 200_000  # per JSONL line / record text, protects memory and the tokenizer
+    max_bad_fraction: float = 0.5
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v.value if isinstance(v, Format) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class IngestResult:
+    run_id: str
+    accounting: pl.DataFrame  # one row per source: rows_read, pairs, quarantined
+    reasons: pl.DataFrame  # source, reason, rows
+    layouts: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pairs(self) -> int:
+        return int(self.accounting["pairs"].sum())
+
+    @property
+    def quarantined(self) -> int:
+        return int(self.accounting["quarantined"].sum())
+
+    @property
+    def rows_read(self) -> int:
+        return int(self.accounting["rows_read"].sum())
+
+
+def make_run_id(sources: list[Source], config: dict[str, Any]) -> str:
+    """Same inputs and settings -> same run id, so a re-run replaces instead of duplicating."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for source in sources:
+        digest.update(source.fingerprint().encode())
+    return f"run-{digest.hexdigest()[:12]}"
+
+
+_STAGING = """
+CREATE OR REPLACE TEMP TABLE staged (
+    src_order INTEGER, source VARCHAR, source_row BIGINT, prompt VARCHAR, chosen VARCHAR, rejected VARCHAR,
+    prompt_messages VARCHAR, chosen_messages VARCHAR, rejected_messages VARCHAR,
+    score_chosen DOUBLE, score_rejected DOUBLE, format VARCHAR, pair_id VARCHAR, unordered_key VARCHAR
+);
+CREATE OR REPLACE TEMP TABLE staged_quarantine (
+    src_order INTEGER, source VARCHAR, source_row BIGINT, reason VARCHAR, detail VARCHAR, raw VARCHAR
+);
+"""
+
+# pair_id hashes the normalised texts; the unordered key ignores which side won, so both
+# orientations of one comparison meet in the same group.
+_STAGE_PAIRS = """
+INSERT INTO staged SELECT
+    src_order, source, source_row, prompt, chosen, rejected, prompt_messages, chosen_messages, rejected_messages,
+    score_chosen, score_rejected, format,
+    sha256(n_prompt || chr(31) || n_chosen || chr(31) || n_rejected),
+    sha256(n_prompt || chr(31) || least(n_chosen, n_rejected) || chr(31) || greatest(n_chosen, n_rejected))
+FROM _batch
+"""
+
+_RESOLVE = """
+CREATE OR REPLACE TEMP TABLE contradicted AS
+    SELECT unordered_key FROM staged GROUP BY unordered_key HAVING count(DISTINCT pair_id) > 1;
+CREATE OR REPLACE TEMP TABLE resolved AS
+SELECT s.*,
+    s.unordered_key IN (SELECT unordered_key FROM contradicted) AS is_contradiction,
+    row_number() OVER w AS copy_no,
+    first_value(s.source || ':' || s.source_row) OVER w AS first_seen
+FROM staged s
+WINDOW w AS (PARTITION BY s.pair_id ORDER BY s.src_order, s.source_row);
+"""
+
+
+def _validate(frame: pl.DataFrame, max_bytes: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Vectorised row checks; returns (candidates with normalised texts, rejects)."""
+    norm = {f"n_{c}": pl.col(c).str.normalize("NFC").str.strip_chars() for c in ("prompt", "chosen", "rejected")}
+    frame = frame.with_columns(**norm)
+    empty = [pl.when(pl.col(f"n_{c}").str.len_bytes() == 0).then(pl.lit(c)) for c in ("prompt", "chosen", "rejected")]
+    size = pl.sum_horizontal(pl.col(c).str.len_bytes() for c in ("prompt", "chosen", "rejected"))
+    frame = frame.with_columns(_empty=pl.concat_str(empty, separator=", ", ignore_nulls=True), _size=size)
+    reason = (
+        pl.when(pl.col("_size") > max_bytes)
+        .then(pl.lit(Reason.TOO_LARGE.value))
+        .when(pl.col("_empty") != "")
+        .then(pl.lit(Reason.EMPTY_TEXT.value))
+        .when(pl.col("n_chosen") == pl.col("n_rejected"))
+        .then(pl.lit(Reason.IDENTICAL_SIDES.value))
+    )
+    detail = (
+        pl.when(pl.col("_size") > max_bytes)
+        .then(pl.format("texts of {} bytes exceed max_bytes={}", pl.col("_size"), pl.lit(max_bytes)))
+        .when(pl.col("_empty") != "")
+        .then(pl.format("empty after trimming: {}", pl.col("_empty")))
+        .otherwise(pl.lit("chosen equals rejected after normalisation"))
+    )
+    frame = frame.with_columns(reason=reason, detail=detail)
+    bad = frame.filter(pl.col("reason").is_not_null()).select(
+        "source_row",
+        "reason",
+        "detail",
+        raw=pl.concat_str([pl.col("prompt"), pl.col("chosen"), pl.col("rejected")], separator=" | ").str.slice(0, 300),
+    )
+    good = frame.filter(pl.col("reason").is_null()).drop("_empty", "_size", "reason", "detail")
+    return good, bad
+
+
+def _stage_batch(
+    con: duckdb.DuckDBPyConnection, raw: RawBatch, layout: Layout, order: int, label: str, max_bytes: int
+) -> None:
+    normalised, rejects = normalise_batch(raw, layout)
+    frame = pl.DataFrame(normalised.columns, schema_overrides={"score_chosen": pl.Float64, "score_rejected": pl.Float64})
+    frame = frame.with_columns(
+        *(pl.col(c).cast(pl.String) for c in ("prompt_messages", "chosen_messages", "rejected_messages"))
+    )
+    good, bad = _validate(frame, max_bytes) if frame.height else (frame, pl.DataFrame())
+    if good.height:
+        good = good.with_columns(src_order=pl.lit(order), source=pl.lit(label), format=pl.lit(layout.label))
+        con.register("_batch", good.to_arrow())
+        con.execute(_STAGE_PAIRS)
+        con.unregister("_batch")
+    quarantine = pl.DataFrame(rejects.rejects, schema={k: v for k, v in QUARANTINE_SCHEMA.items() if k != "source"})
+    if bad.height:
+        quarantine = pl.concat([quarantine, bad.select(quarantine.columns)], how="vertical_relaxed")
+    if quarantine.height:
+        quarantine = quarantine.with_columns(src_order=pl.lit(order), source=pl.lit(label))
+        con.register("_batch", quarantine.to_arrow())
+        con.execute(
+            "INSERT INTO staged_quarantine SELECT src_order, source, source_row, reason, detail, raw FROM _batch"
+        )
+        con.unregister("_batch")
+
+
+def ingest(
+    specs: list[str],
+    catalog: Catalog,
+    options: IngestOptions | None = None,
+    run_id: str | None = None,
+    progress: bool = True,
+) -> IngestResult:
+    options = options or IngestOptions()
+    sources = resolve_sources(specs)
+    run_id = run_id or make_run_id(sources, {"ingest": options.to_dict()})
+    layouts: dict[str, str] = {}
+    rows_read: dict[str, int] = {}
+    with catalog.transaction() as con:
+        con.execute(_STAGING)
+        for order, source in enumerate(sources):
+            layout: Layout | None = None
+            rows_read[source.label] = 0
+            with progress_bar(desc=f"ingest {source.label}", unit="rows", enabled=progress) as bar:
+                for raw in read_source(source, options.batch_size, options.max_bytes):
+                    if layout is None and raw.records:
+                        layout = detect_layout([r for _, r in raw.records], options.format, source.label)
+                        layouts[source.label] = layout.label
+                    rows_read[source.label] += len(raw)
+                    _stage_batch(con, raw, layout or Layout(Format.EXPLICIT, False), order, source.label, options.max_bytes)
+                    bar.update(len(raw))
+        con.execute(_RESOLVE)
+        accounting, reasons = _write(con, catalog, run_id, sources, rows_read)
+        result = IngestResult(run_id, accounting, reasons, layouts)
+        error = _check_thresholds(result, options)
+        catalog.upsert_run(
+            run_id,
+            con,
+            status="failed" if error else "ingested",
+            stage="ingest",
+            config={"ingest": options.to_dict()},
+            sources=[{"source": s.label, "kind": s.kind, "format": layouts.get(s.label)} for s in sources],
+            accounting={"ingest": result.accounting.to_dicts()},
+            versions=_versions(),
+            error=str(error) if error else None,
+        )
+        if error:
+            con.execute("DELETE FROM pairs WHERE run_id = ?", [run_id])
+    if error:
+        raise error
+    return result
+
+
+def _write(
+    con: duckdb.DuckDBPyConnection, catalog: Catalog, run_id: str, sources: list[Source], rows_read: dict[str, int]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    pairs = fetch_arrow(
+        con,
+        """SELECT ? AS run_id, pair_id, prompt, chosen, rejected, prompt_messages, chosen_messages,
+                  rejected_messages, score_chosen, score_rejected, source, source_row, format
+           FROM resolved WHERE NOT is_contradiction AND copy_no = 1 ORDER BY src_order, source_row""",
+        [run_id],
+    )
+    quarantine = fetch_arrow(
+        con,
+        f"""SELECT ? AS run_id, source, source_row, reason, detail, raw FROM (
+              SELECT src_order, source, source_row, reason, detail, raw FROM staged_quarantine
+              UNION ALL
+              SELECT src_order, source, source_row,
+                     CASE WHEN is_contradiction THEN '{Reason.CONTRADICTION.value}' ELSE '{Reason.DUPLICATE.value}' END,
+                     CASE WHEN is_contradiction THEN 'the same prompt holds this pair in both orientations'
+                          ELSE 'exact copy of ' || first_seen END,
+                     left(prompt || ' | ' || chosen || ' | ' || rejected, 300)
+              FROM resolved WHERE is_contradiction OR copy_no > 1
+            ) ORDER BY src_order, source_row""",
+        [run_id],
+    )
+    catalog.replace_run_rows(con, "pairs", run_id, pairs)
+    catalog.replace_run_rows(con, "quarantine", run_id, quarantine)
+    pair_counts = pl.from_arrow(pairs.select(["source"])).group_by("source").len("pairs")
+    quarantine_frame = pl.from_arrow(quarantine.select(["source", "reason"]))
+    quarantine_counts = quarantine_frame.group_by("source").len("quarantined")
+    reasons = quarantine_frame.group_by("source", "reason").len("rows").sort("source", "reason")
+    accounting = (
+        pl.DataFrame({"source": list(rows_read), "rows_read": list(rows_read.values())})
+        .join(pair_counts, on="source", how="left")
+        .join(quarantine_counts, on="source", how="left")
+        .with_columns(pl.col("pairs", "quarantined").fill_null(0).cast(pl.Int64))
+    )
+    broken = accounting.filter(pl.col("rows_read") != pl.col("pairs") + pl.col("quarantined"))
+    if broken.height:  # a bug in Winnow, never the user's data: fail loudly
+        raise AssertionError(f"accounting broken: {broken.to_dicts()}")
+    return accounting, reasons
+
+
+def _check_thresholds(result: IngestResult, options: IngestOptions) -> Exception | None:
+    if result.pairs == 0:
+        return NoValidPairsError(
+            f"no valid pairs in {result.rows_read} rows read ({result.quarantined} quarantined); "
+            f"see `winnow query \"SELECT reason, count(*) FROM quarantine WHERE run_id = '{result.run_id}' GROUP BY 1\"`"
+        )
+    share = result.quarantined / max(result.rows_read, 1)
+    if share > options.max_bad_fraction:
+        return TooManyBadRowsError(
+            f"{share:.0%} of rows quarantined, above --max-bad-fraction={options.max_bad_fraction}; "
+            f"run {result.run_id} kept its quarantine rows for inspection"
+        )
+    return None
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("winnow", "polars", "duckdb", "rapidfuzz", "torch", "transformers", "trl", "prefect"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out

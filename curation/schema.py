@@ -1,0 +1,57 @@
+"""The pair schema and the quarantine reason codes shared by every stage."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import polars as pl
+
+
+class Reason(StrEnum):
+    """Why a row never became a pair. Values are stable: users query them."""
+
+    MALFORMED_JSON = "malformed_json"
+    MALFORMED_ROW = "malformed_row"
+    UNDECODABLE_BYTES = "undecodable_bytes"
+    TOO_LARGE = "too_large"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    EMPTY_TEXT = "empty_text"
+    IDENTICAL_SIDES = "identical_sides"
+    NO_SHARED_PROMPT = "no_shared_prompt"
+    DUPLICATE = "duplicate"
+    CONTRADICTION = "contradiction"
+
+
+class Format(StrEnum):
+    EXPLICIT = "explicit"
+    CONVERSATIONAL = "conversational"
+    IMPLICIT = "implicit"
+    SCORED = "scored"
+    AUTO = "auto"
+
+
+# One row per candidate pair, before cross-row checks (duplicates, contradictions).
+CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
+    "prompt": pl.String(),
+    "chosen": pl.String(),
+    "rejected": pl.String(),
+    "prompt_messages": pl.String(),
+    "chosen_messages": pl.String(),
+    "rejected_messages": pl.String(),
+    "score_chosen": pl.Float64(),
+    "score_rejected": pl.Float64(),
+    "source": pl.String(),
+    "source_row": pl.Int64(),
+    "format": pl.String(),
+}
+
+QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
+    "source": pl.String(),
+    "source_row": pl.Int64(),
+    "reason": pl.String(),
+    "detail": pl.String(),
+    "raw": pl.String(),
+}
+
+RAW_PREVIEW_CHARS = 300

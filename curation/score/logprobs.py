@@ -1,0 +1,338 @@
+"""Reference log-probabilities of preference pairs, fast, and equal to TRL's precompute pass.
+
+Why: curation needs the reference model's log pi_ref(y|x) for every pair (the reward margin
+and the beta-DPO statistics), and training reuses the same numbers instead of running a
+reference model. They must therefore be the numbers TRL 1.16's ``DPOTrainer`` computes with
+``precompute_ref_log_probs=True`` (same tokens, same truncation, sum over completion tokens),
+only cheaper to get. Where the time goes and what this module does about it:
+
+* padding: TRL batches pairs in dataset order and pads chosen and rejected to the longest of
+  the batch. Here sequences are sorted by length and packed into buckets under a token budget,
+  so padding is a few percent.
+* the shared prompt: chosen and rejected share the prompt. Each pair is one row
+  ``prompt + chosen + rejected`` whose attention mask hides the chosen tokens from the
+  rejected ones, and whose position ids restart the rejected part right after the prompt, so
+  every token sees exactly the context it has in TRL's separate sequences, but the prompt runs
+  once. (This is the "run the prompt once, reuse its KV cache" idea without any cache plumbing.)
+* the LM head: only positions that predict a completion token are projected onto the
+  vocabulary, in chunks, as ``logit[target] - logsumexp(logits)``; no (tokens x vocab)
+  log-softmax is materialised for the prompt or padding.
+* no autograd (``torch.inference_mode``); bf16 autocast on CUDA for fp32 models, fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from training.tokenization import TokenizedPairs, tokenize_pairs
+
+COLUMNS = (
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "ref_chosen_logps_mean",
+    "ref_rejected_logps_mean",
+    "chosen_tokens",
+    "rejected_tokens",
+)
+# Attention backends that accept a ready 4D boolean mask (needed for the shared-prompt rows)
+_MASK4D_ATTENTION = ("sdpa", "eager")
+# Logit elements per LM-head chunk: bounds the (rows x vocab) tile to 64 MiB in fp32
+_LM_HEAD_CHUNK_ELEMS = 1 << 24
+
+
+def default_batch_tokens(device: torch.device) -> int:
+    """Padded tokens per forward: small on CPU (cache-friendly), large on GPUs (occupancy)."""
+    return 65536 if device.type == "cuda" else 8192
+
+
+def _logit_transform(model) -> tuple[float, float | None]:
+    """(scale, softcap) the model applies to its logits, looked up as TRL's fused LM head does."""
+    cfg = model.config.get_text_config()
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None:
+        scale = getattr(cfg, "output_multiplier", None)
+    if scale is None:
+        scale = getattr(cfg, "lm_head_multiplier", None)
+    if scale is None and getattr(cfg, "logits_scaling", None) is not None:
+        scale = cfg.logits_scaling if cfg.model_type == "hyperclovax" else 1 / cfg.logits_scaling
+    return (1.0 if scale is None else float(scale)), softcap
+
+
+def _completion_logps(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """log p(target | hidden) per row, fp32, projecting onto the vocabulary chunk by chunk."""
+    vocab = weight.shape[0]
+    rows = max(64, _LM_HEAD_CHUNK_ELEMS // vocab)
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    w = weight.to(hidden.dtype)
+    fp32_out = hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
+    for start in range(0, hidden.shape[0], rows):
+        h = hidden[start : start + rows]
+        if fp32_out:  # accumulate the bf16 product in fp32 instead of rounding logits to bf16
+            try:
+                z = torch.mm(h, w.t(), out_dtype=torch.float32)
+            except (TypeError, RuntimeError):
+                z = torch.mm(h, w.t()).float()
+        else:
+            z = torch.mm(h, w.t()).float()
+        if bias is not None:
+            z += bias.float()
+        if scale != 1.0:
+            z *= scale
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        t = targets[start : start + rows]
+        out[start : start + rows] = z.gather(1, t.unsqueeze(1)).squeeze(1) - torch.logsumexp(z, dim=-1)
+    return out
+
+
+class _Rows:
+    """Model rows to run: ``prompt + chosen [+ rejected]`` token lists and their layout.
+
+    Per row: ``p`` prompt tokens, then ``lc`` tokens of the first completion (output slot
+    ``slot_c``), then ``lr`` tokens of a second completion sharing the prompt (slot
+    ``slot_r``; ``lr == 0`` when the row holds one sequence). Slots index the flat result
+    array ``2 * pair + side``.
+    """
+
+    def __init__(self, tp: TokenizedPairs, share_prompt: bool) -> None:
+        keep = np.flatnonzero(tp.keep)
+        self.ids: list[list[int]] = []
+        if share_prompt:
+            lc, lr = tp.chosen_lengths[keep], tp.rejected_lengths[keep]
+            for i, c, r in zip(keep.tolist(), lc.tolist(), lr.tolist(), strict=True):
+                self.ids.append(tp.prompt_ids[i] + tp.chosen_ids[i][:c] + tp.rejected_ids[i][:r])
+            self.p = tp.prompt_lengths[keep].copy()
+            self.lc, self.lr = lc.copy(), lr.copy()
+            self.slot_c, self.slot_r = 2 * keep, 2 * keep + 1
+        else:
+            p, lc, slot = [], [], []
+            for i in keep.tolist():
+                for side in (0, 1):
+                    prompt, comp = tp.sequence(i, "chosen" if side == 0 else "rejected")
+                    self.ids.append(prompt + comp)
+                    p.append(len(prompt))
+                    lc.append(len(comp))
+                    slot.append(2 * i + side)
+            self.p, self.lc = np.array(p, np.int64), np.array(lc, np.int64)
+            self.lr = np.zeros(len(p), np.int64)
+            self.slot_c, self.slot_r = np.array(slot, np.int64), np.full(len(p), -1, np.int64)
+        self.length = self.p + self.lc + self.lr
+        # Canonical order (length, then ids): buckets depend only on the set of pairs, so the
+        # numbers do not depend on the input order, and padding within a bucket is minimal.
+        self.order = sorted(range(len(self.ids)), key=lambda j: (self.length[j], self.ids[j]))
+
+    def buckets(self, batch_tokens: int) -> list[np.ndarray]:
+        """Consecutive runs of the sorted rows whose padded size stays within ``batch_tokens``."""
+        out, cur = [], []
+        for j in self.order:
+            if cur and (len(cur) + 1) * int(self.length[j]) > batch_tokens:
+                out.append(np.array(cur))
+                cur = []
+            cur.append(j)
+        if cur:
+            out.append(np.array(cur))
+        return out
+
+
+def _segments(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows with ``count[j]`` items: (row index, index within the row) of every item, vectorised."""
+    row = np.repeat(np.arange(len(count)), count)
+    first = np.repeat(np.cumsum(count) - count, count)
+    return row, np.arange(int(count.sum())) - first
+
+
+def _bucket_inputs(rows: _Rows, idx: np.ndarray, pad_id: int, mask4d: bool, device: torch.device):
+    """Padded inputs of one bucket plus, per scored token, its predictor position, target and slot."""
+    b = len(idx)
+    t = int(rows.length[idx].max())
+    ids = np.full((b, t), pad_id, dtype=np.int64)
+    for r, j in enumerate(idx.tolist()):
+        ids[r, : rows.length[j]] = rows.ids[j]
+    p, lc, lr = rows.p[idx], rows.lc[idx], rows.lr[idx]
+    split = p + lc  # where the second completion starts
+    end = split + lr
+
+    # Scored tokens. First completion: token k is predicted by position p-1+k. Second
+    # completion: token 0 by the last prompt position, token k>0 by split+k-1. A token with
+    # no predictor (empty prompt, first token) is not scored, as in TRL (labels shift by one).
+    row_c, k_c = _segments(lc)
+    row_r, k_r = _segments(lr)
+    row = np.concatenate([row_c, row_r])
+    pred = np.concatenate([p[row_c] - 1 + k_c, np.where(k_r == 0, p[row_r] - 1, split[row_r] + k_r - 1)])
+    tgt = np.concatenate([p[row_c] + k_c, split[row_r] + k_r])
+    slot = np.concatenate([rows.slot_c[idx][row_c], rows.slot_r[idx][row_r]])
+    ok = pred >= 0
+    pred, tgt, slot = row[ok] * t + pred[ok], row[ok] * t + tgt[ok], slot[ok]
+
+    input_ids = torch.from_numpy(ids)
+    ar = torch.arange(t)
+    end_t = torch.from_numpy(end)
+    if mask4d:
+        split_t, p_t = torch.from_numpy(split), torch.from_numpy(p)
+        position_ids = torch.where(ar < split_t[:, None], ar, ar - torch.from_numpy(lc)[:, None])
+        causal = ar[None, :] <= ar[:, None]  # [q, k]
+        key_ok = ar[None, :] < end_t[:, None]  # [b, k]
+        key_first = (ar[None, :] >= p_t[:, None]) & (ar[None, :] < split_t[:, None])  # [b, k]
+        query_second = ar[None, :] >= split_t[:, None]  # [b, q]
+        mask = causal[None] & key_ok[:, None, :] & ~(query_second[:, :, None] & key_first[:, None, :])
+        mask |= torch.eye(t, dtype=torch.bool)[None]  # padding queries see themselves: no NaN
+        attention_mask = mask[:, None]
+    else:
+        position_ids = ar.expand(b, t)
+        attention_mask = (ar[None, :] < end_t[:, None]).long()
+    flat_ids = input_ids.view(-1)
+    tgt_t = torch.from_numpy(tgt)
+    targets = flat_ids[tgt_t]
+    return (
+        input_ids.to(device),
+        attention_mask.to(device),
+        position_ids.to(device),
+        torch.from_numpy(pred).to(device),
+        targets.to(device),
+        torch.from_numpy(slot),
+    )
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def score_tokenized(
+    model,
+    tokenized: TokenizedPairs,
+    *,
+    batch_tokens: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    share_prompt: bool | None = None,
+    autocast: bool | None = None,
+    pad_token_id: int | None = None,
+) -> pl.DataFrame:
+    """Reference log-probs of already tokenised pairs (the trainer calls this on its own tokens).
+
+    Returns one row per pair in input order with the columns of :data:`COLUMNS`. Sums are
+    over the completion tokens the collator keeps (float32 compute, float64 sums);
+    means divide by ``chosen_tokens``/``rejected_tokens``, TRL's ``completion_mask.sum()``
+    (as its ``sigmoid_norm`` loss does). Pairs TRL drops (prompt fills ``max_length`` under
+    ``keep_start``) get nulls.
+
+    ``share_prompt`` (default: on when possible) runs each pair as one row with the prompt
+    once; it needs ``keep_start`` truncation (``keep_end`` cuts the prompt differently for
+    each side) and an sdpa/eager attention backend. ``device`` moves the model there.
+    ``autocast`` (default: on CUDA for fp32 models) runs the backbone in bf16 autocast.
+    """
+    if device is not None and _model_device(model) != torch.device(device):
+        model.to(device)
+    dev = _model_device(model)
+    batch_tokens = batch_tokens or default_batch_tokens(dev)
+    attn = getattr(model.config, "_attn_implementation", None) or "eager"
+    can_share = tokenized.truncation_mode == "keep_start" and attn in _MASK4D_ATTENTION
+    if share_prompt is None:
+        share_prompt = can_share
+    elif share_prompt and not can_share:
+        raise ValueError(
+            f"share_prompt needs truncation_mode='keep_start' and sdpa/eager attention, got "
+            f"{tokenized.truncation_mode!r} and {attn!r}"
+        )
+    if autocast is None:
+        autocast = dev.type == "cuda" and next(model.parameters()).dtype == torch.float32
+    if pad_token_id is None:
+        pad_token_id = getattr(model.config, "pad_token_id", None)
+    pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+
+    n = len(tokenized)
+    sums = torch.zeros(2 * n, dtype=torch.float64)
+    rows = _Rows(tokenized, share_prompt)
+    backbone = model.base_model
+    lm_head = model.get_output_embeddings()
+    scale, softcap = _logit_transform(model)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=int(tokenized.keep.sum()), desc="reference log-probs", unit="pair", disable=not progress)
+    try:
+        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(autocast)):
+            for idx in rows.buckets(batch_tokens):
+                input_ids, mask, pos, pred, targets, slot = _bucket_inputs(
+                    rows, idx, pad_token_id, share_prompt, dev
+                )
+                hidden = backbone(
+                    input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False
+                ).last_hidden_state
+                hidden = hidden.reshape(-1, hidden.shape[-1])[pred].to(lm_head.weight.device)
+                logps = _completion_logps(hidden, targets, lm_head.weight, lm_head.bias, scale, softcap)
+                sums.index_add_(0, slot, logps.double().cpu())
+                bar.update(len(idx) if share_prompt else len(idx) // 2)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return _frame(tokenized, sums.numpy())
+
+
+def _frame(tp: TokenizedPairs, sums: np.ndarray) -> pl.DataFrame:
+    keep = np.asarray(tp.keep, bool)
+    chosen, rejected = sums[0::2].copy(), sums[1::2].copy()
+    nc = tp.chosen_lengths.astype(np.float64)
+    nr = tp.rejected_lengths.astype(np.float64)
+    chosen[~keep] = np.nan
+    rejected[~keep] = np.nan
+    tokens_c = pl.Series("chosen_tokens", tp.chosen_lengths, dtype=pl.Int32)
+    tokens_r = pl.Series("rejected_tokens", tp.rejected_lengths, dtype=pl.Int32)
+    if not keep.all():
+        dropped = pl.Series(~keep)
+        tokens_c = pl.select(pl.when(dropped).then(None).otherwise(tokens_c)).to_series().alias("chosen_tokens")
+        tokens_r = pl.select(pl.when(dropped).then(None).otherwise(tokens_r)).to_series().alias("rejected_tokens")
+    return pl.DataFrame(
+        [
+            pl.Series("ref_chosen_logps", chosen, dtype=pl.Float64, nan_to_null=True),
+            pl.Series("ref_rejected_logps", rejected, dtype=pl.Float64, nan_to_null=True),
+            pl.Series("ref_chosen_logps_mean", chosen / np.maximum(nc, 1), dtype=pl.Float64, nan_to_null=True),
+            pl.Series("ref_rejected_logps_mean", rejected / np.maximum(nr, 1), dtype=pl.Float64, nan_to_null=True),
+            tokens_c,
+            tokens_r,
+        ]
+    )
+
+
+def reference_logprobs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    chosens: Sequence[str],
+    rejecteds: Sequence[str],
+    *,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    batch_tokens: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    share_prompt: bool | None = None,
+) -> pl.DataFrame:
+    """Reference log-probs of string pairs, equal to TRL's ``precompute_ref_log_probs`` pass.
+
+    Tokenises as TRL does (:func:`training.tokenization.tokenize_pairs`) and scores with
+    :func:`score_tokenized`. Set ``max_length``/``truncation_mode`` to the values training
+    will use, or the numbers will not be the ones training needs.
+    """
+    tp = tokenize_pairs(tokenizer, prompts, chosens, rejecteds, max_length, truncation_mode)
+    return score_tokenized(
+        model,
+        tp,
+        batch_tokens=batch_tokens,
+        progress=progress,
+        device=device,
+        share_prompt=share_prompt,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )

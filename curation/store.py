@@ -1,0 +1,198 @@
+"""The DuckDB catalog: one file per workspace, every per-pair number queryable by users.
+
+Every table carries `run_id`. Writers replace a run's rows inside one transaction, so a
+crash leaves the previous state and a re-run never duplicates rows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pyarrow as pa
+
+from curation.errors import WinnowError
+
+DEFAULT_WORKDIR = Path("runs")
+CATALOG_NAME = "catalog.duckdb"
+
+# Columns of each table. Later stages add their tables here, never elsewhere, so the
+# whole schema can be read in one place (and documented from it in the README).
+TABLES: dict[str, str] = {
+    "runs": """
+        run_id VARCHAR PRIMARY KEY,
+        created_at TIMESTAMP,
+        updated_at TIMESTAMP,
+        status VARCHAR,
+        stage VARCHAR,
+        config JSON,
+        versions JSON,
+        sources JSON,
+        accounting JSON,
+        timings JSON,
+        error VARCHAR
+    """,
+    "pairs": """
+        run_id VARCHAR,
+        pair_id VARCHAR,
+        prompt VARCHAR,
+        chosen VARCHAR,
+        rejected VARCHAR,
+        prompt_messages JSON,
+        chosen_messages JSON,
+        rejected_messages JSON,
+        score_chosen DOUBLE,
+        score_rejected DOUBLE,
+        source VARCHAR,
+        source_row BIGINT,
+        format VARCHAR,
+        PRIMARY KEY (run_id, pair_id)
+    """,
+    "quarantine": """
+        run_id VARCHAR,
+        source VARCHAR,
+        source_row BIGINT,
+        reason VARCHAR,
+        detail VARCHAR,
+        raw VARCHAR
+    """,
+}
+
+
+def catalog_path(workdir: Path | str) -> Path:
+    return Path(workdir) / CATALOG_NAME
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Catalog:
+    """A thin handle on the catalog file; opens short-lived connections per operation.
+
+    Short connections matter: DuckDB allows one writing process per file, and Prefect
+    tasks or a user's notebook may want the file between two steps.
+    """
+
+    def __init__(self, workdir: Path | str = DEFAULT_WORKDIR, tables: dict[str, str] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.path = catalog_path(self.workdir)
+        self._tables = tables or TABLES
+
+    # -- connections ---------------------------------------------------------------
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        if read_only:
+            if not self.path.exists():
+                raise WinnowError(f"no catalog at {self.path}: run `winnow ingest` first (or pass --workdir)")
+            con = duckdb.connect(str(self.path), read_only=True)
+        else:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            con = _connect_with_retry(self.path)
+            self._ensure_schema(con)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """All writes inside commit together or not at all."""
+        with self.connect() as con:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        for name, columns in self._tables.items():
+            con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+
+    # -- writes --------------------------------------------------------------------
+    @staticmethod
+    def replace_run_rows(con: duckdb.DuckDBPyConnection, table: str, run_id: str, frame: pl.DataFrame | pa.Table) -> int:
+        """Delete the run's rows in `table` and insert `frame` (columns by name)."""
+        arrow = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
+        con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
+        if arrow.num_rows == 0:
+            return 0
+        con.register("_incoming", arrow)
+        try:
+            cols = ", ".join(f'"{c}"' for c in arrow.column_names)
+            con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming")
+        finally:
+            con.unregister("_incoming")
+        return arrow.num_rows
+
+    def upsert_run(self, run_id: str, con: duckdb.DuckDBPyConnection | None = None, **fields: Any) -> None:
+        """Create or update the `runs` row; dict fields are merged into the stored JSON."""
+        if con is None:
+            with self.transaction() as c:
+                return self.upsert_run(run_id, c, **fields)
+        row = con.execute("SELECT config, timings, sources, accounting FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        now = _now()
+        if row is None:
+            con.execute("INSERT INTO runs (run_id, created_at, updated_at) VALUES (?, ?, ?)", [run_id, now, now])
+            existing = {"config": {}, "timings": {}, "sources": None, "accounting": {}}
+        else:
+            existing = {
+                "config": json.loads(row[0] or "{}"),
+                "timings": json.loads(row[1] or "{}"),
+                "sources": json.loads(row[2]) if row[2] else None,
+                "accounting": json.loads(row[3] or "{}"),
+            }
+        sets, values = ["updated_at = ?"], [now]
+        for key, value in fields.items():
+            if key in ("config", "timings", "accounting") and isinstance(value, dict):
+                value = {**existing[key], **value}
+            if isinstance(value, dict | list):
+                value = json.dumps(value, default=str)
+            sets.append(f"{key} = ?")
+            values.append(value)
+        con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*values, run_id])
+
+    # -- reads ---------------------------------------------------------------------
+    def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
+        """Read-only SQL: the connection itself refuses writes."""
+        with self.connect(read_only=True) as con:
+            try:
+                return fetch_polars(con, sql, params)
+            except duckdb.Error as exc:
+                raise WinnowError(f"query failed: {str(exc).splitlines()[0]}") from None
+
+    def run_exists(self, run_id: str) -> bool:
+        if not self.path.exists():
+            return False
+        return bool(self.query("SELECT count(*) AS n FROM runs WHERE run_id = ?", [run_id])["n"][0])
+
+
+def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:
+    """Arrow out of DuckDB without a row loop (works across DuckDB 1.x and 2.x)."""
+    relation = con.sql(sql, params=params or None)
+    return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+
+
+def fetch_polars(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
+    return pl.from_arrow(fetch_arrow(con, sql, params))  # type: ignore[return-value]
+
+
+def _connect_with_retry(path: Path, attempts: int = 50) -> duckdb.DuckDBPyConnection:
+    """Another process may hold the write lock for a moment; wait instead of failing."""
+    for i in range(attempts):
+        try:
+            return duckdb.connect(str(path))
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower() or i == attempts - 1:
+                raise WinnowError(f"cannot open catalog {path}: {str(exc).splitlines()[0]}") from None
+            time.sleep(0.1 * (1 + i % 5))
+    raise AssertionError("unreachable")
