@@ -63,6 +63,29 @@ TABLES: dict[str, str] = {
         detail VARCHAR,
         raw VARCHAR
     """,
+    "scores": """
+        run_id VARCHAR,
+        pair_id VARCHAR,
+        prompt_chars BIGINT, chosen_chars BIGINT, rejected_chars BIGINT,
+        char_edit_distance BIGINT, char_edit_norm DOUBLE,
+        prompt_tokens BIGINT, chosen_tokens BIGINT, rejected_tokens BIGINT,
+        token_edit_distance BIGINT, token_edit_norm DOUBLE,
+        first_diff_token BIGINT, shared_prefix_tokens BIGINT, first_diff_frac DOUBLE,
+        length_gap BIGINT, length_ratio DOUBLE,
+        chosen_truncated BOOLEAN, rejected_truncated BOOLEAN, uneven_truncation BOOLEAN, fits_max_length BOOLEAN,
+        ref_chosen_logps DOUBLE, ref_rejected_logps DOUBLE, ref_chosen_logps_mean DOUBLE, ref_rejected_logps_mean DOUBLE,
+        reward_chosen DOUBLE, reward_rejected DOUBLE, margin DOUBLE, margin_source VARCHAR,
+        tokenizer VARCHAR, max_length BIGINT,
+        PRIMARY KEY (run_id, pair_id)
+    """,
+    "margins": """
+        run_id VARCHAR,
+        pair_id VARCHAR,
+        margin_source VARCHAR,
+        margin DOUBLE,
+        reward_chosen DOUBLE,
+        reward_rejected DOUBLE
+    """,
 }
 
 
@@ -139,7 +162,8 @@ class Catalog:
         if con is None:
             with self.transaction() as c:
                 return self.upsert_run(run_id, c, **fields)
-        row = con.execute("SELECT config, timings, sources, accounting FROM runs WHERE run_id = ?", [run_id]).fetchone()
+        rows = con.execute("SELECT config, timings, sources, accounting FROM runs WHERE run_id = ?", [run_id]).fetchall()
+        row = rows[0] if rows else None
         now = _now()
         if row is None:
             con.execute("INSERT INTO runs (run_id, created_at, updated_at) VALUES (?, ?, ?)", [run_id, now, now])
@@ -162,9 +186,13 @@ class Catalog:
         con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*values, run_id])
 
     # -- reads ---------------------------------------------------------------------
-    def query(self, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
-        """Read-only SQL: the connection itself refuses writes."""
-        with self.connect(read_only=True) as con:
+    def query(self, sql: str, params: list[Any] | None = None, read_only: bool = True) -> pl.DataFrame:
+        """SQL to a polars frame. Users' queries go read-only: the connection refuses writes.
+
+        Library code passes read_only=False: DuckDB refuses a read-only connection while the
+        same process holds a read-write one (Prefect tasks in threads do).
+        """
+        with self.connect(read_only=read_only) as con:
             try:
                 return fetch_polars(con, sql, params)
             except duckdb.Error as exc:
@@ -173,7 +201,7 @@ class Catalog:
     def run_exists(self, run_id: str) -> bool:
         if not self.path.exists():
             return False
-        return bool(self.query("SELECT count(*) AS n FROM runs WHERE run_id = ?", [run_id])["n"][0])
+        return bool(self.query("SELECT count(*) AS n FROM runs WHERE run_id = ?", [run_id], read_only=False)["n"][0])
 
 
 def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:

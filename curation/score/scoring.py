@@ -1,0 +1,201 @@
+"""Score a run's pairs: stream them out of the catalog, compute every statistic, write `scores`.
+
+Streaming: pairs leave DuckDB in Arrow batches and each batch's scores go to a parquet part
+file, so memory holds one batch. Parts are loaded into the catalog in one transaction at
+the end; a shard (index, count) scores only its share, which lets an orchestrator split
+scoring into independent tasks and load all parts once.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from curation.errors import WinnowError
+from curation.progress import progress_bar
+from curation.score.features import text_features, token_features
+from curation.score.margins import MARGIN_SOURCES, policy_margin, reference_margin, reward_model_margin, scores_margin
+from curation.store import Catalog
+from training.tokenization import tokenize_pairs
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    margin: str = "auto"  # auto | scores | reference | reward-model | policy
+    max_length: int | None = 512  # the training max_length: truncation flags and log-probs follow it
+    truncation_mode: str = "keep_start"
+    beta: float = 0.1  # for the policy margin
+    batch_pairs: int = 20_000
+
+    def __post_init__(self) -> None:
+        if self.margin not in MARGIN_SOURCES:
+            raise WinnowError(f"unknown margin source {self.margin!r}; choose one of {', '.join(MARGIN_SOURCES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ScoringModels:
+    """What the providers need; any may be None when its provider is not used."""
+
+    tokenizer: Any
+    tokenizer_name: str = "unknown"
+    reference: Any = None  # causal LM: reference log-probs (and the `reference` margin)
+    reward_model: Any = None
+    reward_tokenizer: Any = None
+    policy: Any = None
+
+
+@dataclass
+class ScoreResult:
+    run_id: str
+    pairs: int
+    margin_source: str
+    parts: list[Path] = field(default_factory=list)
+
+
+def scores_dir(workdir: Path, run_id: str) -> Path:
+    return Path(workdir) / run_id / "scores"
+
+
+def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models: ScoringModels) -> str:
+    """`auto`: the source's ratings when every pair has them, else the reference model."""
+    if requested != "auto":
+        return requested
+    unscored = catalog.query(
+        "SELECT count(*) FILTER (WHERE score_chosen IS NULL OR score_rejected IS NULL) AS n, count(*) AS total "
+        "FROM pairs WHERE run_id = ?",
+        [run_id],
+        read_only=False,
+    ).row(0)
+    if unscored[1] and unscored[0] == 0:
+        return "scores"
+    if models.reference is not None:
+        return "reference"
+    raise WinnowError("no ratings in the source and no reference model: pass --margin reward-model or a model")
+
+
+def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOptions, margin_source: str,
+                progress: bool = False) -> pl.DataFrame:
+    """All statistics of one batch of pairs (columns pair_id, prompt, chosen, rejected, scores)."""
+    prompts, chosens, rejecteds = (frame[c].to_list() for c in ("prompt", "chosen", "rejected"))
+    tokens = tokenize_pairs(models.tokenizer, prompts, chosens, rejecteds, options.max_length, options.truncation_mode)
+    parts = [frame.select("pair_id"), text_features(prompts, chosens, rejecteds), token_features(tokens)]
+    ref = None
+    if models.reference is not None:
+        from curation.score.logprobs import score_tokenized
+
+        ref = score_tokenized(models.reference, tokens, progress=progress).select(REF_COLUMNS)
+        parts.append(ref)
+    if margin_source == "scores":
+        margin = scores_margin(frame)
+    elif margin_source == "reference":
+        if ref is None:
+            raise WinnowError("margin source 'reference' needs a reference model")
+        margin = pl.DataFrame({"reward_chosen": ref["ref_chosen_logps_mean"],
+                               "reward_rejected": ref["ref_rejected_logps_mean"], "margin": reference_margin(ref)})
+    elif margin_source == "reward-model":
+        if models.reward_model is None:
+            raise WinnowError("margin source 'reward-model' needs --reward-model PATH")
+        margin = reward_model_margin(models.reward_model, models.reward_tokenizer or models.tokenizer, prompts,
+                                     chosens, rejecteds, max_length=options.max_length, progress=progress)
+    elif margin_source == "policy":
+        if models.policy is None or ref is None:
+            raise WinnowError("margin source 'policy' needs a trained policy and the reference model")
+        from curation.score.logprobs import score_tokenized
+
+        margin = policy_margin(score_tokenized(models.policy, tokens, progress=progress), ref, options.beta)
+    else:
+        raise WinnowError(f"unknown margin source {margin_source!r}")
+    parts.append(margin.with_columns(pl.col("reward_chosen", "reward_rejected", "margin").cast(pl.Float64)))
+    out = pl.concat(parts, how="horizontal")
+    for name in REF_COLUMNS:
+        if name not in out.columns:
+            out = out.with_columns(pl.lit(None, dtype=pl.Float64).alias(name))
+    return out.with_columns(
+        margin_source=pl.lit(margin_source),
+        tokenizer=pl.lit(models.tokenizer_name),
+        max_length=pl.lit(options.max_length, dtype=pl.Int64),
+    )
+
+
+def _pair_batches(catalog: Catalog, run_id: str, batch_pairs: int, shard: tuple[int, int] | None):
+    where, params = "run_id = ?", [run_id]
+    if shard is not None:
+        where += " AND hash(pair_id) % ? = ?"
+        params += [shard[1], shard[0]]
+    sql = f"""SELECT pair_id, prompt, chosen, rejected, score_chosen, score_rejected
+              FROM pairs WHERE {where} ORDER BY source, source_row"""
+    with catalog.connect() as con:
+        total = con.execute(f"SELECT count(*) FROM pairs WHERE {where}", params).fetchall()[0][0]
+        reader = con.sql(sql, params=params).fetch_arrow_reader(batch_size=batch_pairs)
+        yield total
+        for record_batch in reader:
+            yield pl.from_arrow(record_batch)
+
+
+def score_shard(catalog: Catalog, run_id: str, models: ScoringModels, options: ScoreOptions, margin_source: str,
+                shard: tuple[int, int] | None = None, progress: bool = True) -> list[Path]:
+    """Score one shard (or all pairs) into parquet part files; returns their paths."""
+    out_dir = scores_dir(catalog.workdir, run_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"shard{shard[0]:04d}of{shard[1]:04d}" if shard else "all"
+    for stale in out_dir.glob(f"{tag}-*.parquet"):
+        stale.unlink()
+    batches = _pair_batches(catalog, run_id, options.batch_pairs, shard)
+    total = next(batches)
+    paths: list[Path] = []
+    with progress_bar(f"score {run_id}" + (f" [{tag}]" if shard else ""), total=total, unit="pair",
+                      enabled=progress) as bar:
+        for i, frame in enumerate(batches):
+            scored = score_batch(frame, models, options, margin_source, progress=False)
+            path = out_dir / f"{tag}-{i:05d}.parquet"
+            tmp = path.with_suffix(".tmp")
+            scored.write_parquet(tmp)
+            tmp.rename(path)  # a crash never leaves a half part that looks complete
+            paths.append(path)
+            bar.update(frame.height)
+    return paths
+
+
+def load_scores(catalog: Catalog, run_id: str, parts: list[Path], margin_source: str) -> int:
+    """Replace the run's `scores` and its `margins` rows from part files, in one transaction."""
+    if not parts:
+        raise WinnowError(f"run {run_id} has no pairs to score")
+    files = [str(p) for p in parts]
+    with catalog.transaction() as con:
+        con.execute("DELETE FROM scores WHERE run_id = ?", [run_id])
+        columns = [r[0] for r in con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [files]).description]
+        cols = ", ".join(f'"{c}"' for c in columns)
+        con.execute(f"INSERT INTO scores (run_id, {cols}) SELECT ?, {cols} FROM read_parquet(?)", [run_id, files])
+        con.execute("DELETE FROM margins WHERE run_id = ? AND margin_source = ?", [run_id, margin_source])
+        con.execute(
+            """INSERT INTO margins SELECT ?, pair_id, margin_source, margin, reward_chosen, reward_rejected
+               FROM read_parquet(?)""",
+            [run_id, files],
+        )
+        count = con.execute("SELECT count(*) FROM scores WHERE run_id = ?", [run_id]).fetchall()[0][0]
+        catalog.upsert_run(run_id, con, stage="score", status="scored")
+    return int(count)
+
+
+def score_run(catalog: Catalog, run_id: str, models: ScoringModels, options: ScoreOptions | None = None,
+              progress: bool = True) -> ScoreResult:
+    """Score every pair of a run and load the statistics into the catalog."""
+    options = options or ScoreOptions()
+    if not catalog.run_exists(run_id):
+        raise WinnowError(f"no run {run_id!r} in {catalog.path}; run `winnow ingest` first")
+    margin_source = resolve_margin_source(options.margin, catalog, run_id, models)
+    shutil.rmtree(scores_dir(catalog.workdir, run_id), ignore_errors=True)
+    parts = score_shard(catalog, run_id, models, options, margin_source, progress=progress)
+    count = load_scores(catalog, run_id, parts, margin_source)
+    catalog.upsert_run(run_id, config={"score": {**options.to_dict(), "margin_source": margin_source,
+                                                 "tokenizer": models.tokenizer_name}})
+    return ScoreResult(run_id, count, margin_source, parts)
