@@ -86,6 +86,69 @@ TABLES: dict[str, str] = {
         reward_chosen DOUBLE,
         reward_rejected DOUBLE
     """,
+    "decisions": """
+        run_id VARCHAR,
+        pair_id VARCHAR,
+        kept BOOLEAN,
+        reason VARCHAR,
+        detail VARCHAR,
+        weight DOUBLE,
+        stage INTEGER,
+        stage_position BIGINT,
+        PRIMARY KEY (run_id, pair_id)
+    """,
+    "stages": """
+        run_id VARCHAR,
+        stage INTEGER,
+        pairs BIGINT,
+        order_by VARCHAR,
+        margin_min DOUBLE,
+        margin_max DOUBLE,
+        margin_mean DOUBLE,
+        PRIMARY KEY (run_id, stage)
+    """,
+    "shards": """
+        run_id VARCHAR,
+        stage INTEGER,
+        path VARCHAR,
+        rows BIGINT,
+        bytes BIGINT,
+        sha256 VARCHAR
+    """,
+    "advice": """
+        run_id VARCHAR PRIMARY KEY,
+        objective VARCHAR,
+        params JSON,
+        evidence JSON,
+        rationale VARCHAR
+    """,
+    "train_metrics": """
+        run_id VARCHAR,
+        stage INTEGER,
+        objective VARCHAR,
+        step BIGINT,
+        epoch DOUBLE,
+        loss DOUBLE,
+        beta DOUBLE,
+        kept_fraction DOUBLE,
+        rewards_chosen DOUBLE,
+        rewards_rejected DOUBLE,
+        rewards_margins DOUBLE,
+        rewards_accuracies DOUBLE,
+        logps_chosen DOUBLE,
+        logps_rejected DOUBLE,
+        learning_rate DOUBLE,
+        grad_norm DOUBLE,
+        logged_at TIMESTAMP
+    """,
+    "evals": """
+        run_id VARCHAR,
+        model VARCHAR,
+        metric VARCHAR,
+        value DOUBLE,
+        n BIGINT,
+        details JSON
+    """,
 }
 
 
