@@ -1,0 +1,247 @@
+"""sDPO: train the stages one after another, each against the model the previous one produced.
+
+Stage k starts from, and is referenced against, the model of stage k-1 (stage 1: the base
+model). Each stage gets a fresh learning-rate schedule, its reference log-probs are computed
+by the fast scorer with that stage's reference (stage 1 reuses curation's when they match),
+and it ends with a checkpoint plus a COMPLETE marker, so a killed run resumes after the last
+completed stage. With LoRA the adapter is merged before the next stage, or the "adapter off"
+reference would silently stay the stage-0 model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from curation.errors import WinnowError
+from training.config import TrainConfig, resolve_objective
+from training.trainer import REF_COLUMNS, MetricsRecorder, WinnowDPOTrainer
+
+COMPLETE = "COMPLETE"
+REFERENCE_LOGPS_FILE = "reference_logps.parquet"
+
+
+@dataclass
+class StageResult:
+    stage: int
+    model_dir: Path
+    pairs: int
+    objective: str
+    resumed: bool = False
+    reference_source: str = ""  # "curation", "recomputed" or "trl"
+    train_loss: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class ShardManifest:
+    """The parts of curation's manifest.json that training needs."""
+
+    root: Path
+    stages: list[dict[str, Any]]
+    advice: dict[str, Any] | None = None
+    max_length: int | None = None
+    reference: str | None = None  # the model the shard's ref log-probs were computed with
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, shard_dir: Path) -> ShardManifest:
+        path = Path(shard_dir) / "manifest.json"
+        if not path.is_file():
+            raise WinnowError(f"no manifest.json in {shard_dir}: run `winnow curate` first, or pass its shard folder")
+        raw = json.loads(path.read_text())
+        stages = sorted(raw.get("stages") or raw.get("shards") or [], key=lambda s: s["stage"])
+        if not stages:
+            raise WinnowError(f"{path} lists no stages")
+        scoring = raw.get("scoring") or {}
+        return cls(
+            root=path.parent,
+            stages=stages,
+            advice=raw.get("advice"),
+            max_length=scoring.get("max_length", raw.get("max_length")),
+            reference=scoring.get("tokenizer", raw.get("tokenizer")),
+            raw=raw,
+        )
+
+    def shard_path(self, stage: dict[str, Any]) -> Path:
+        path = Path(stage.get("path") or stage.get("file"))
+        return path if path.is_absolute() else self.root / path
+
+
+def load_stage_frame(path: Path) -> pl.DataFrame:
+    if not path.is_file():
+        raise WinnowError(f"shard {path} is missing")
+    return pl.read_parquet(path)
+
+
+def _is_conversational(frame: pl.DataFrame) -> bool:
+    return frame.schema["prompt"] != pl.String
+
+
+def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig, progress: bool) -> pl.DataFrame:  # noqa: ANN001
+    from curation.score.logprobs import score_tokenized
+    from training.tokenization import tokenize_pairs
+
+    tokens = tokenize_pairs(tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
+                            frame["rejected"].to_list(), config.max_length, config.truncation_mode)
+    return score_tokenized(model, tokens, progress=progress).select(REF_COLUMNS)
+
+
+def _dpo_config(config: TrainConfig, output_dir: Path, beta: float):  # noqa: ANN202 - trl.DPOConfig
+    from trl import DPOConfig
+
+    from training.models import pick_device
+
+    device, dtype = pick_device()
+    import torch
+
+    return DPOConfig(
+        output_dir=str(output_dir),
+        learning_rate=config.learning_rate,
+        num_train_epochs=config.num_epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler_type=config.lr_scheduler_type,
+        warmup_steps=config.warmup_ratio,
+        logging_steps=config.logging_steps,
+        max_length=config.max_length,
+        truncation_mode=config.truncation_mode,
+        precompute_ref_log_probs=True,  # never keep a live reference: log-probs come from the shard
+        beta=beta,
+        seed=config.seed,
+        bf16=device.type == "cuda" and dtype == torch.bfloat16,
+        use_cpu=device.type != "cuda",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+def train_stage(
+    stage: int,
+    frame: pl.DataFrame,
+    start_model: str | Path,
+    stage_dir: Path,
+    config: TrainConfig,
+    advice: dict[str, Any] | None,
+    *,
+    reference_source: str,
+    metrics_sink: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+) -> StageResult:
+    """One DPO stage from `start_model` (also the reference) on `frame`; saves stage_dir/model."""
+    import time
+
+    from datasets import Dataset
+
+    from training.models import load_model, load_tokenizer
+
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(start_model)
+    policy = load_model(start_model)
+    if reference_source == "recomputed":
+        frame = frame.drop(REF_COLUMNS, strict=False).hstack(
+            _reference_logps(policy, tokenizer, frame, config, progress)
+        )
+    if REF_COLUMNS[0] in frame.columns:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        frame.select("pair_id", *REF_COLUMNS).write_parquet(stage_dir / REFERENCE_LOGPS_FILE)
+    objective = resolve_objective(config, advice)
+    peft_config = None
+    if config.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, task_type="CAUSAL_LM")
+    recorder = MetricsRecorder(stage, objective.name, None if metrics_sink is None else lambda rows: metrics_sink(stage, rows))
+    trainer = WinnowDPOTrainer(
+        model=policy,
+        args=_dpo_config(config, stage_dir / "trainer", objective.beta),
+        train_dataset=Dataset.from_polars(frame.drop("pair_id", strict=False)),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        objective=objective,
+        callbacks=[recorder, *callbacks],
+    )
+    output = trainer.train()
+    model = trainer.model
+    if config.lora:
+        model = trainer.accelerator.unwrap_model(model).merge_and_unload()
+    final = stage_dir / "model"
+    if trainer.accelerator.is_main_process:
+        tmp = stage_dir / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.accelerator.unwrap_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        shutil.rmtree(stage_dir / "trainer", ignore_errors=True)
+        result = StageResult(stage, final, frame.height, objective.name, reference_source=reference_source,
+                             train_loss=output.training_loss, seconds=time.perf_counter() - started)
+        summary = {**result.__dict__, "model_dir": str(final), "objective_config": asdict(objective)}
+        (stage_dir / "stage.json").write_text(json.dumps(summary, indent=1, default=str))
+        (stage_dir / COMPLETE).write_text("ok\n")
+    trainer.accelerator.wait_for_everyone()
+    return StageResult(stage, final, frame.height, objective.name, reference_source=reference_source,
+                       train_loss=output.training_loss, seconds=time.perf_counter() - started)
+
+
+def train_stages(
+    shard_dir: Path,
+    base_model: str | Path,
+    output_dir: Path,
+    config: TrainConfig | None = None,
+    *,
+    metrics_sink: Callable[[int, list[dict[str, Any]]], None] | None = None,
+    callbacks: Sequence[Any] = (),
+    progress: bool = True,
+) -> list[StageResult]:
+    """Train every stage of a curated shard folder in order; resumes after completed stages."""
+    config = config or TrainConfig()
+    manifest = ShardManifest.load(shard_dir)
+    stages = manifest.stages[: config.max_stages] if config.max_stages else manifest.stages
+    output_dir = Path(output_dir)
+    current: str | Path = base_model
+    results: list[StageResult] = []
+    for entry in stages:
+        stage = int(entry["stage"])
+        stage_dir = output_dir / f"stage-{stage}"
+        if (stage_dir / COMPLETE).is_file():
+            summary = json.loads((stage_dir / "stage.json").read_text())
+            results.append(StageResult(stage, stage_dir / "model", int(summary["pairs"]), summary["objective"],
+                                       resumed=True, reference_source=summary.get("reference_source", "")))
+            current = stage_dir / "model"
+            continue
+        frame = load_stage_frame(manifest.shard_path(entry))
+        reference_source = _reference_plan(frame, stage, current, base_model, manifest, config)
+        results.append(
+            train_stage(stage, frame, current, stage_dir, config, manifest.advice, reference_source=reference_source,
+                        metrics_sink=metrics_sink, callbacks=callbacks, progress=progress)
+        )
+        current = stage_dir / "model"
+    return results
+
+
+def _reference_plan(frame: pl.DataFrame, stage: int, current: str | Path, base_model: str | Path,
+                    manifest: ShardManifest, config: TrainConfig) -> str:
+    """Where this stage's reference log-probs come from.
+
+    Curation's are reused only for stage 1, when computed with the same model and max_length;
+    conversational shards go through TRL's own precompute pass (the chat template decides tokens).
+    """
+    if _is_conversational(frame):
+        return "trl"
+    has_ref = set(REF_COLUMNS) <= set(frame.columns) and frame[REF_COLUMNS[0]].null_count() == 0
+    same_model = manifest.reference is not None and str(manifest.reference) == str(base_model)
+    if (stage == 1 and has_ref and same_model and manifest.max_length == config.max_length
+            and config.reuse_reference_logps and str(current) == str(base_model)):
+        return "curation"
+    return "recomputed"
