@@ -1,0 +1,282 @@
+"""Rule filters: drop pairs that cannot teach anything, each with a reason code and a detail.
+
+Why rules before the beta-guided filter: the outlier filter looks at margins only, so pairs
+that TRL would truncate into nonsense or whose sides do not differ must go first, with a
+reason a user can read ("token_edit_distance 0 < 1 (value)"), not as an anonymous outlier.
+
+Every rule is evaluated on all scored pairs independently (a quantile threshold does not
+depend on which rules ran before it); a pair failing several rules gets the reason of the
+first in :data:`RULE_ORDER` and a detail naming every failure. All of it is polars/numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+
+from curation.errors import WinnowError
+
+ThresholdKind = Literal["value", "quantile", "robust"]
+Bound = Literal["min", "max"]
+TruncationRule = Literal["off", "uneven", "any"]
+
+# Stable reason codes (users query them); the order is the precedence for the `reason` column.
+RULE_ORDER: tuple[str, ...] = ("too_long", "truncated", "low_edit_distance", "length_ratio", "low_margin", "no_margin")
+MAD_SCALE = 1.4826  # MAD * 1.4826 estimates the standard deviation of normal data
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Where a rule cuts: a fixed `value`, a `quantile` of the column, or `robust` median +- value*MAD.
+
+    The MAD is scaled by 1.4826, so `robust` with value 3 means "3 standard deviations" for
+    normal data while a few wild values cannot move the cut (they would move a mean/std cut).
+    """
+
+    kind: ThresholdKind = "value"
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("value", "quantile", "robust"):
+            raise WinnowError(f"threshold kind must be value, quantile or robust, got {self.kind!r}")
+        if self.kind == "quantile" and not 0.0 <= self.value <= 1.0:
+            raise WinnowError(f"a quantile threshold needs a value in [0, 1], got {self.value}")
+        if self.kind == "robust" and self.value < 0:
+            raise WinnowError(f"a robust threshold needs a value >= 0 (MADs from the median), got {self.value}")
+
+    @classmethod
+    def parse(cls, text: str | float) -> Threshold:
+        """CLI/recipe spelling: ``5`` (value), ``q0.99`` (quantile), ``robust:3`` or ``3mad`` (median +- 3 MAD)."""
+        if isinstance(text, int | float):
+            return cls("value", float(text))
+        raw = str(text).strip().lower()
+        try:
+            if raw.startswith("quantile:") or raw.startswith("q"):
+                return cls("quantile", float(raw.split(":", 1)[-1].lstrip("q")))
+            if raw.startswith("robust:"):
+                return cls("robust", float(raw.split(":", 1)[1]))
+            if raw.endswith("mad"):
+                return cls("robust", float(raw[:-3]))
+            return cls("value", float(raw.split(":", 1)[-1]))
+        except ValueError:
+            raise WinnowError(f"cannot read threshold {text!r}: write 5, q0.99, robust:3 or 3mad") from None
+
+    def describe(self, bound: Bound) -> str:
+        if self.kind == "value":
+            return "value"
+        if self.kind == "quantile":
+            return f"quantile {self.value:g}"
+        return f"median{'-' if bound == 'min' else '+'}{self.value:g}*MAD"
+
+
+@dataclass(frozen=True)
+class RuleFilterConfig:
+    """One threshold rule: drop pairs whose `column` is below (`min`) or above (`max`) the cut.
+
+    `threshold=None` switches the rule off. Null values never fail a rule.
+    """
+
+    column: str
+    bound: Bound
+    threshold: Threshold | None = None
+
+    def __post_init__(self) -> None:
+        if self.bound not in ("min", "max"):
+            raise WinnowError(f"rule bound must be 'min' or 'max', got {self.bound!r}")
+
+
+@dataclass(frozen=True)
+class RulesConfig:
+    """The rule filters and their defaults (see docs/curation.md for why each default).
+
+    - `too_long`: pairs whose prompt alone fills max_length are always dropped (TRL drops them
+      anyway, so the shard counts would lie); the cap on prompt + longer completion tokens is
+      off by default because max_length already bounds training.
+    - `truncation`: `uneven` drops pairs where one completion is cut at max_length and the other
+      is not (the summed log-probs then compare a cut answer with a whole one) and pairs cut
+      before their first differing token (nothing left to prefer); `any` drops every cut pair.
+    - `low_edit_distance`: token edit distance < 1, i.e. the sides tokenise identically: no signal.
+      Small but non-zero distances are kept on purpose: they are DPOP's pairs, not noise.
+    - `length_ratio`: longer/shorter completion tokens > 8: one side is degenerate.
+    - `low_margin`: off; the margin scale depends on its source (ratings, log-probs, a reward
+      model), so a fixed cut only makes sense when the user knows it, e.g. Threshold("value", 0).
+    """
+
+    too_long: RuleFilterConfig = field(default_factory=lambda: RuleFilterConfig("total_tokens", "max", None))
+    truncation: TruncationRule = "uneven"
+    low_edit_distance: RuleFilterConfig = field(
+        default_factory=lambda: RuleFilterConfig("token_edit_distance", "min", Threshold("value", 1.0))
+    )
+    length_ratio: RuleFilterConfig = field(
+        default_factory=lambda: RuleFilterConfig("length_ratio_max", "max", Threshold("value", 8.0))
+    )
+    low_margin: RuleFilterConfig = field(default_factory=lambda: RuleFilterConfig("margin", "min", None))
+
+    def __post_init__(self) -> None:
+        if self.truncation not in ("off", "uneven", "any"):
+            raise WinnowError(f"truncation rule must be off, uneven or any, got {self.truncation!r}")
+
+
+@dataclass
+class ResolvedRule:
+    """A rule with its cut-off computed on the data: what the report draws and the manifest records."""
+
+    reason: str
+    column: str | None
+    bound: str | None
+    threshold: dict[str, Any] | None
+    cutoff: float | None
+    failing: int  # pairs failing this rule (a pair may fail several)
+    dropped: int = 0  # pairs whose recorded reason is this rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def with_derived_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """Columns the rules need that scoring does not store directly."""
+    chosen, rejected = pl.col("chosen_tokens"), pl.col("rejected_tokens")
+    return frame.with_columns(
+        total_tokens=pl.col("prompt_tokens") + pl.max_horizontal(chosen, rejected),
+        # symmetric: a chosen 10x shorter than the rejected is as degenerate as 10x longer
+        length_ratio_max=pl.max_horizontal(chosen, rejected) / pl.max_horizontal(pl.min_horizontal(chosen, rejected), 1),
+    )
+
+
+def robust_centre_scale(values: np.ndarray) -> tuple[float, float]:
+    """Median and MAD*1.4826; falls back to the mean absolute deviation when over half the values tie."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return 0.0, 0.0
+    centre = float(np.median(values))
+    deviation = np.abs(values - centre)
+    scale = MAD_SCALE * float(np.median(deviation))
+    if scale == 0.0:
+        scale = 1.2533 * float(deviation.mean())  # mean abs deviation -> sigma for normal data
+    return centre, scale
+
+
+def resolve_threshold(values: np.ndarray, bound: Bound, threshold: Threshold) -> float:
+    """The numeric cut-off of `threshold` on `values` (nulls/NaN ignored)."""
+    finite = values[np.isfinite(values)]
+    if threshold.kind == "value":
+        return float(threshold.value)
+    if finite.size == 0:
+        return float("nan")
+    if threshold.kind == "quantile":
+        return float(np.quantile(finite, threshold.value))
+    centre, scale = robust_centre_scale(finite)
+    return centre - threshold.value * scale if bound == "min" else centre + threshold.value * scale
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _threshold_rule(frame: pl.DataFrame, reason: str, rule: RuleFilterConfig) -> tuple[pl.Expr | None, pl.Expr | None,
+                                                                                        ResolvedRule]:
+    if rule.threshold is None:
+        return None, None, ResolvedRule(reason, rule.column, rule.bound, None, None, 0)
+    if rule.column not in frame.columns:
+        raise WinnowError(f"rule {reason}: no column {rule.column!r} in the scores; columns: {', '.join(frame.columns)}")
+    values = frame[rule.column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    cutoff = resolve_threshold(values, rule.bound, rule.threshold)
+    col = pl.col(rule.column)
+    fails = (col < cutoff) if rule.bound == "min" else (col > cutoff)
+    fails = fails.fill_null(False)
+    op = "<" if rule.bound == "min" else ">"
+    detail = pl.format(f"{rule.column} {{}} {op} {_fmt(cutoff)} ({rule.threshold.describe(rule.bound)})",
+                       col.cast(pl.Float64).round(4) if frame.schema[rule.column].is_float() else col)
+    resolved = ResolvedRule(reason, rule.column, rule.bound, {"kind": rule.threshold.kind, "value": rule.threshold.value},
+                            cutoff, 0)
+    return fails, detail, resolved
+
+
+def _too_long(frame: pl.DataFrame, rule: RuleFilterConfig, max_length: int | None) -> tuple[pl.Expr, pl.Expr,
+                                                                                            ResolvedRule]:
+    """fits_max_length False (the prompt alone fills max_length) plus the optional token cap."""
+    no_room = ~pl.col("fits_max_length").fill_null(True)
+    no_room_detail = pl.format(f"prompt of {{}} tokens fills max_length {max_length} (TRL drops the pair)",
+                               pl.col("prompt_tokens"))
+    cap, cap_detail, resolved = _threshold_rule(frame, "too_long", rule)
+    if cap is None:
+        fails, detail = no_room, pl.when(no_room).then(no_room_detail)
+    else:
+        fails = no_room | cap
+        detail = pl.when(no_room).then(no_room_detail).when(cap).then(cap_detail)
+    return fails, detail, resolved
+
+
+def _truncated(mode: TruncationRule, max_length: int | None, truncation_mode: str) -> tuple[pl.Expr | None,
+                                                                                            pl.Expr | None]:
+    if mode == "off" or max_length is None:
+        return None, None
+    c_cut, r_cut = pl.col("chosen_truncated").fill_null(False), pl.col("rejected_truncated").fill_null(False)
+    sizes = pl.format("prompt {} + chosen {} / rejected {} tokens", pl.col("prompt_tokens"), pl.col("chosen_tokens"),
+                      pl.col("rejected_tokens"))
+    side = pl.when(c_cut).then(pl.lit("chosen cut, rejected whole")).otherwise(pl.lit("rejected cut, chosen whole"))
+    if mode == "any":
+        fails = c_cut | r_cut
+        detail = pl.format(f"truncated at max_length {max_length}: {{}}", sizes)
+        return fails, pl.when(fails).then(detail)
+    uneven = c_cut != r_cut
+    fails, detail = uneven, pl.when(uneven).then(pl.format(f"uneven truncation at max_length {max_length}: {{}} ({{}})",
+                                                           side, sizes))
+    if truncation_mode == "keep_start":
+        # both sides keep the same completion budget; if it ends before the first differing
+        # token, the truncated sides are identical and the pair teaches nothing
+        budget = pl.lit(max_length) - pl.col("prompt_tokens")
+        blind = c_cut & r_cut & (pl.col("first_diff_token") >= budget)
+        fails = fails | blind
+        detail = detail.when(blind).then(pl.format(
+            f"both sides cut at max_length {max_length} ({{}} completion tokens) before their first difference "
+            "at token {}", budget, pl.col("first_diff_token")))
+    return fails, detail
+
+
+def apply_rules(frame: pl.DataFrame, config: RulesConfig, max_length: int | None = None,
+                truncation_mode: str = "keep_start") -> tuple[pl.DataFrame, list[ResolvedRule]]:
+    """Evaluate every rule; returns (pair_id, reason, detail) with null reason for survivors, and the cut-offs.
+
+    `frame` is the scored frame (scores columns plus pair_id); derived columns are added here.
+    """
+    frame = with_derived_columns(frame)
+    checks: list[tuple[str, pl.Expr, pl.Expr]] = []
+    resolved: list[ResolvedRule] = []
+
+    fails, detail, info = _too_long(frame, config.too_long, max_length)
+    checks.append(("too_long", fails, detail))
+    resolved.append(info)
+    fails, detail = _truncated(config.truncation, max_length, truncation_mode)
+    if fails is not None:
+        checks.append(("truncated", fails, detail))
+    resolved.append(ResolvedRule("truncated", None, None, {"kind": "flag", "value": config.truncation}, None, 0))
+    for reason in ("low_edit_distance", "length_ratio", "low_margin"):
+        fails, detail, info = _threshold_rule(frame, reason, getattr(config, reason))
+        if fails is not None:
+            checks.append((reason, fails, detail))
+        resolved.append(info)
+    no_margin = pl.col("margin").is_null() | pl.col("margin").is_nan()
+    checks.append(("no_margin", no_margin, pl.format("margin is null (margin source {})",
+                                                     pl.col("margin_source").fill_null("none"))))
+    resolved.append(ResolvedRule("no_margin", "margin", None, {"kind": "flag", "value": "null"}, None, 0))
+
+    flags = frame.select("pair_id", *(f.alias(f"_fail_{r}") for r, f, _ in checks),
+                         *(pl.when(f).then(d).alias(f"_detail_{r}") for r, f, d in checks))
+    reason = pl.lit(None, dtype=pl.String)
+    for r, _, _ in reversed(checks):  # first rule in RULE_ORDER wins
+        reason = pl.when(pl.col(f"_fail_{r}")).then(pl.lit(r)).otherwise(reason)
+    out = flags.select(
+        "pair_id",
+        reason=reason,
+        detail=pl.concat_str([pl.col(f"_detail_{r}") for r, _, _ in checks], separator="; ", ignore_nulls=True),
+    ).with_columns(detail=pl.when(pl.col("reason").is_not_null()).then(pl.col("detail")))
+    counts = dict(flags.select(pl.col(f"_fail_{r}").sum().alias(r) for r, _, _ in checks).row(0, named=True))
+    dropped = dict(out.group_by("reason").len().drop_nulls().iter_rows())
+    for info in resolved:
+        info.failing = int(counts.get(info.reason, 0) or 0)
+        info.dropped = int(dropped.get(info.reason, 0))
+    return out, resolved

@@ -1,0 +1,153 @@
+"""Parquet shards per sDPO stage in TRL's column layout, and the manifest that describes them.
+
+Why this layout: TRL's DPOTrainer reads `prompt`/`chosen`/`rejected` (strings, or message
+lists for conversational data) and, with `precompute_ref_log_probs`, the columns
+`ref_chosen_logps`/`ref_rejected_logps`; a shard loads as it is with
+``datasets.load_dataset("parquet", data_files=...)``. `pair_id` rides along so any training
+number can be joined back to the catalog.
+
+Determinism: rows in stage order, an explicit Arrow schema, fixed compression, one row group,
+and no timestamps anywhere (neither in the files nor in the manifest), so the same inputs and
+seed give byte-identical shards and an identical manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation.store import Catalog, fetch_polars
+
+REF_SHARD_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
+MANIFEST_FORMAT = "winnow-shards/1"
+
+
+@dataclass
+class ShardInfo:
+    stage: int
+    path: Path
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ShardSet:
+    shards: list[ShardInfo]
+    columns: list[str]
+    conversational: bool
+    ref_logps: bool
+    ref_logps_note: str
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_name(stage: int) -> str:
+    return f"stage-{stage}.parquet"
+
+
+def _stage_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.DataFrame:
+    """Texts, messages and reference log-probs of the kept pairs, in teaching order."""
+    with catalog.connect() as con:
+        con.register("_order", order.select("pair_id", "stage", "stage_position").to_arrow())
+        try:
+            return fetch_polars(con, """
+                SELECT o.stage, o.stage_position, p.pair_id, p.prompt, p.chosen, p.rejected,
+                       p.prompt_messages::VARCHAR AS prompt_messages, p.chosen_messages::VARCHAR AS chosen_messages,
+                       p.rejected_messages::VARCHAR AS rejected_messages,
+                       s.ref_chosen_logps, s.ref_rejected_logps
+                FROM _order o
+                JOIN pairs p ON p.run_id = ? AND p.pair_id = o.pair_id
+                LEFT JOIN scores s ON s.run_id = p.run_id AND s.pair_id = p.pair_id
+                ORDER BY o.stage, o.stage_position""", [run_id])
+        finally:
+            con.unregister("_order")
+
+
+def _as_messages(json_col: str, text_col: str, role: str) -> pl.Expr:
+    """Decoded message list; pairs of a mixed run that came as plain text become one message."""
+    decoded = pl.col(json_col).str.json_decode(MESSAGES)
+    wrapped = pl.concat_list(pl.struct(role=pl.lit(role), content=pl.col(text_col)))
+    return pl.when(pl.col(json_col).is_null()).then(wrapped).otherwise(decoded).alias(text_col)
+
+
+def shard_frame(rows: pl.DataFrame) -> tuple[pl.DataFrame, bool, bool, str]:
+    """(frame in TRL layout, conversational, ref columns included, why or why not)."""
+    conversational = rows["prompt_messages"].null_count() < rows.height
+    if conversational:
+        frame = rows.select(
+            "stage",
+            _as_messages("prompt_messages", "prompt", "user"),
+            _as_messages("chosen_messages", "chosen", "assistant"),
+            _as_messages("rejected_messages", "rejected", "assistant"),
+            "pair_id",
+        )
+        return frame, True, False, ("omitted: conversational pairs; the scores' log-probs were computed on rendered "
+                                    "text, not on the chat template training applies")
+    has_ref = all(rows[c].null_count() == 0 for c in REF_SHARD_COLUMNS) and rows.height > 0
+    columns = ["stage", "prompt", "chosen", "rejected", *(REF_SHARD_COLUMNS if has_ref else ()), "pair_id"]
+    note = ("included: computed by the scorer with the manifest's tokenizer and max_length" if has_ref else
+            "omitted: the run was scored without a reference model (or some kept pairs lack log-probs)")
+    return rows.select(columns), False, has_ref, note
+
+
+def _arrow(frame: pl.DataFrame) -> pa.Table:
+    """Plain `string`/`double` types (not Arrow's large_string), the layout `datasets` writes itself."""
+    table = frame.to_arrow()
+    fields = []
+    for f in table.schema:
+        t = f.type
+        if pa.types.is_large_string(t):
+            t = pa.string()
+        elif pa.types.is_large_list(t):
+            value = t.value_type
+            if pa.types.is_struct(value):
+                value = pa.struct([pa.field(x.name, pa.string() if pa.types.is_large_string(x.type) else x.type)
+                                   for x in value])
+            t = pa.list_(value)
+        fields.append(pa.field(f.name, t))
+    return table.cast(pa.schema(fields))
+
+
+def write_shards(catalog: Catalog, run_id: str, order: pl.DataFrame, out_dir: Path,
+                 compression: str = "zstd") -> ShardSet:
+    """One parquet file per stage under `out_dir`; stale stage files of an earlier run are removed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("stage-*.parquet"):
+        stale.unlink()
+    frame, conversational, has_ref, note = shard_frame(_stage_rows(catalog, run_id, order))
+    shards: list[ShardInfo] = []
+    columns = [c for c in frame.columns if c != "stage"]
+    for stage_frame in frame.partition_by("stage", maintain_order=True):
+        stage = int(stage_frame["stage"][0])
+        table = _arrow(stage_frame.drop("stage"))
+        path = out_dir / shard_name(stage)
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(table, tmp, compression=compression, row_group_size=max(table.num_rows, 1),
+                       use_dictionary=True, write_statistics=True, store_schema=True)
+        tmp.replace(path)
+        shards.append(ShardInfo(stage, path, table.num_rows, path.stat().st_size, sha256_file(path)))
+    return ShardSet(shards, columns, conversational, has_ref, note)
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
+    """Sorted keys, fixed indentation, no timestamps: the same run writes the same bytes."""
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
