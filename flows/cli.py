@@ -85,6 +85,189 @@ def query(
     print_frame(Catalog(workdir).query(sql), csv=csv)
 
 
+def _latest_run(workdir: Path) -> str:
+    from curation.store import Catalog
+
+    frame = Catalog(workdir).query("SELECT run_id FROM runs WHERE status != 'failed' ORDER BY updated_at DESC LIMIT 1")
+    if frame.height == 0:
+        raise WinnowError(f"no runs in {workdir}: run `winnow ingest` or `winnow curate` first")
+    return frame.item()
+
+
+@app.command()
+def score(
+    run_id: Annotated[str | None, typer.Argument(help="Run to score; default: the latest run.")] = None,
+    workdir: Workdir = DEFAULT_WORKDIR,
+    model: Annotated[str, typer.Option(help="Training model: winnow-tiny (built locally), a path or hub id.")] = "winnow-tiny",
+    margin: Annotated[str, typer.Option(help="Margin source: auto, scores, reference, reward-model, policy.")] = "auto",
+    reward_model: Annotated[str | None, typer.Option(help="AutoModelForSequenceClassification path (margin reward-model).")] = None,
+    policy: Annotated[str | None, typer.Option(help="Trained policy path (margin policy).")] = None,
+    max_length: Annotated[int, typer.Option(help="Training max_length: truncation flags and log-probs follow it.")] = 128,
+    reference: Annotated[bool, typer.Option(help="Compute reference log-probs (reused by training).")] = True,
+) -> None:
+    """Score a run's pairs: edit distances, lengths, reward margin, reference log-probs."""
+    from curation.score.scoring import ScoreOptions, ScoringModels, score_run
+    from curation.store import Catalog
+    from training.models import load_model, load_tokenizer, resolve_model
+
+    catalog = Catalog(workdir)
+    run_id = run_id or _latest_run(workdir)
+    pairs = catalog.query("SELECT prompt, chosen FROM pairs WHERE run_id = ?", [run_id])
+    model_path = str(resolve_model(model, pairs["prompt"].to_list(), pairs["chosen"].to_list(), workdir))
+    models = ScoringModels(load_tokenizer(model_path), model_path,
+                           reference=load_model(model_path) if reference or margin == "reference" else None)
+    if reward_model:
+        from transformers import AutoModelForSequenceClassification
+
+        models.reward_model = AutoModelForSequenceClassification.from_pretrained(reward_model)
+        models.reward_tokenizer = load_tokenizer(reward_model)
+    if policy:
+        models.policy = load_model(policy)
+    result = score_run(catalog, run_id, models, ScoreOptions(margin=margin, max_length=max_length))
+    summary = catalog.query(
+        """SELECT count(*) AS pairs, any_value(margin_source) AS margin_source, round(avg(margin), 4) AS mean_margin,
+                  round(avg(char_edit_norm), 4) AS char_edit, round(avg(token_edit_norm), 4) AS token_edit,
+                  round(avg(length_gap), 2) AS length_gap, sum(uneven_truncation::INT) AS uneven_truncation
+           FROM scores WHERE run_id = ?""",
+        [result.run_id],
+    )
+    print_frame(summary, title=f"scores of run {result.run_id}")
+
+
+def _overrides(config_sets: list[str] | None, **flags) -> dict:  # noqa: ANN003
+    from flows.config import parse_set
+
+    overrides = parse_set(config_sets or [])
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return overrides
+
+
+def _run(flow_name: str, recipe: Path | None, overrides: dict, task_runner: str | None, **params) -> dict:  # noqa: ANN003
+    from flows.pipeline import run_flow
+
+    return run_flow(flow_name, str(recipe) if recipe else None, overrides, task_runner, **params)
+
+
+Recipe = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (see flows/recipes/).")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: --set train.learning_rate=1e-4.")]
+Runner = Annotated[str | None, typer.Option("--task-runner", help="threads, processes, dask or ray.")]
+Refresh = Annotated[bool, typer.Option("--refresh", help="Recompute every step instead of using cached results.")]
+
+
+@app.command()
+def curate(
+    sources: Annotated[list[str], typer.Argument(help="Files, folders, globs, or hf:DATASET[:SPLIT].")],
+    recipe: Recipe = None,
+    sets: Sets = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
+    model: Annotated[str | None, typer.Option(help="winnow-tiny, a path or a hub id.")] = None,
+    task_runner: Runner = None,
+    refresh: Refresh = False,
+) -> None:
+    """Ingest, score, filter, stage and shard in one go (the `curate` flow)."""
+    overrides = _overrides(sets, sources=list(sources), workdir=str(workdir) if workdir else None, model=model,
+                           refresh=refresh or None)
+    summary = _run("curate", recipe, overrides, task_runner)
+    print_curation(summary)
+
+
+def print_curation(summary: dict) -> None:
+    import polars as pl
+
+    console.print(f"[bold]run {summary['run_id']}[/]: kept {summary['kept']} of {summary['pairs']} pairs; "
+                  f"stages {summary['stage_sizes']}")
+    if summary.get("dropped"):
+        print_frame(pl.DataFrame({"reason": list(summary["dropped"]), "pairs": list(summary["dropped"].values())}),
+                    title="dropped, by reason")
+    advice = summary.get("advice") or {}
+    console.print(f"advice: [bold]{advice.get('objective')}[/] {advice.get('params') or ''} - {advice.get('rationale', '')}")
+    console.print(f"shards: {summary['shard_dir']}\nreport: {summary.get('report')}")
+    if summary.get("cached_tasks"):
+        console.print(f"[dim]from cache: {', '.join(sorted(set(summary['cached_tasks'])))}[/]")
+
+
+@app.command()
+def report(
+    run_id: Annotated[str | None, typer.Argument(help="Run id; default: the latest run.")] = None,
+    workdir: Workdir = DEFAULT_WORKDIR,
+) -> None:
+    """Rebuild a run's markdown report and plots from the catalog."""
+    from curation.report import build_report
+    from curation.store import Catalog
+
+    path = build_report(Catalog(workdir), run_id or _latest_run(workdir))
+    console.print(f"report: {path}")
+
+
+@app.command()
+def train(
+    shards: Annotated[Path, typer.Option("--shards", help="A curated run folder (or its shards/ folder).")],
+    objective: Annotated[str | None, typer.Option(help="auto (follow the advice), dpo, dpop, ln-dpo, minor-dpo, beta-dpo.")] = None,
+    recipe: Recipe = None,
+    sets: Sets = None,
+    model: Annotated[str | None, typer.Option(help="Start/reference model; default: the one curation scored with.")] = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
+    refresh: Refresh = False,
+) -> None:
+    """Train every sDPO stage of curated shards with the chosen objective (the `train` flow)."""
+    if not shards.exists():
+        raise WinnowError(f"{shards}: no such folder; pass a run folder written by `winnow curate`")
+    workdir = workdir or (shards.parent if (shards / "shards").is_dir() else shards.parent.parent)
+    overrides = _overrides(sets, **{"train.objective": objective, "model": model, "workdir": str(workdir),
+                                    "refresh": refresh or None})
+    summary = _run("train", recipe, overrides, None, shards=str(shards))
+    print_training(summary)
+
+
+def print_training(summary: dict) -> None:
+    import polars as pl
+
+    print_frame(pl.DataFrame(summary["stages"]).select("stage", "objective", "pairs", "reference_source",
+                                                       "train_loss", "resumed", "model_dir"), title="sDPO stages")
+    if summary.get("eval"):
+        metrics = summary["eval"]
+        print_frame(pl.DataFrame({"metric": list(metrics), "value": [float(v) for v in metrics.values()]}),
+                    title="held-out evaluation (policy vs reference)")
+
+
+@app.command()
+def run(
+    flow_name: Annotated[str, typer.Argument(metavar="FLOW", help="curate-and-train, curate or train.")],
+    recipe: Recipe = None,
+    sets: Sets = None,
+    sources: Annotated[list[str] | None, typer.Option("--source", help="Input source (repeatable); default: the demo.")] = None,
+    workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
+    objective: Annotated[str | None, typer.Option(help="Training objective, or auto.")] = None,
+    model: Annotated[str | None, typer.Option(help="winnow-tiny, a path or a hub id.")] = None,
+    task_runner: Runner = None,
+    refresh: Refresh = False,
+    shards: Annotated[Path | None, typer.Option("--shards", help="For the train flow: a curated run folder.")] = None,
+) -> None:
+    """Run a flow directly, no server needed; flags override the recipe."""
+    overrides = _overrides(sets, sources=list(sources) if sources else None,
+                           workdir=str(workdir) if workdir else None, model=model, refresh=refresh or None,
+                           **{"train.objective": objective})
+    params = {"shards": str(shards)} if flow_name == "train" else {}
+    if flow_name == "train" and shards is None:
+        raise WinnowError("the train flow needs --shards RUN_DIR")
+    summary = _run(flow_name, recipe, overrides, task_runner, **params)
+    if "kept" in summary:
+        print_curation(summary)
+    if "stages" in summary:
+        print_training(summary)
+
+
+@app.command()
+def serve(
+    recipe: Recipe = None,
+    cron: Annotated[str | None, typer.Option(help="Cron schedule of the nightly deployment.")] = None,
+) -> None:
+    """Serve the curate-and-train deployments (nightly on a cron, on-demand) without a work pool."""
+    from flows.serve import serve_deployments
+
+    serve_deployments(str(recipe) if recipe else None, cron)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -133,7 +133,7 @@ def _pair_batches(catalog: Catalog, run_id: str, batch_pairs: int, shard: tuple[
         params += [shard[1], shard[0]]
     sql = f"""SELECT pair_id, prompt, chosen, rejected, score_chosen, score_rejected
               FROM pairs WHERE {where} ORDER BY source, source_row"""
-    with catalog.connect() as con:
+    with catalog.connect(read_only=True) as con:  # shard tasks in other processes read at once
         total = con.execute(f"SELECT count(*) FROM pairs WHERE {where}", params).fetchall()[0][0]
         reader = con.sql(sql, params=params).fetch_arrow_reader(batch_size=batch_pairs)
         yield total
@@ -165,7 +165,7 @@ def score_shard(catalog: Catalog, run_id: str, models: ScoringModels, options: S
     return paths
 
 
-def load_scores(catalog: Catalog, run_id: str, parts: list[Path], margin_source: str) -> int:
+def load_scores(catalog: Catalog, run_id: str, parts: list[Path]) -> int:
     """Replace the run's `scores` and its `margins` rows from part files, in one transaction."""
     if not parts:
         raise WinnowError(f"run {run_id} has no pairs to score")
@@ -175,7 +175,8 @@ def load_scores(catalog: Catalog, run_id: str, parts: list[Path], margin_source:
         columns = [r[0] for r in con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [files]).description]
         cols = ", ".join(f'"{c}"' for c in columns)
         con.execute(f"INSERT INTO scores (run_id, {cols}) SELECT ?, {cols} FROM read_parquet(?)", [run_id, files])
-        con.execute("DELETE FROM margins WHERE run_id = ? AND margin_source = ?", [run_id, margin_source])
+        sources = [r[0] for r in con.execute("SELECT DISTINCT margin_source FROM read_parquet(?)", [files]).fetchall()]
+        con.execute("DELETE FROM margins WHERE run_id = ? AND margin_source IN (SELECT unnest(?))", [run_id, sources])
         con.execute(
             """INSERT INTO margins SELECT ?, pair_id, margin_source, margin, reward_chosen, reward_rejected
                FROM read_parquet(?)""",
@@ -195,7 +196,7 @@ def score_run(catalog: Catalog, run_id: str, models: ScoringModels, options: Sco
     margin_source = resolve_margin_source(options.margin, catalog, run_id, models)
     shutil.rmtree(scores_dir(catalog.workdir, run_id), ignore_errors=True)
     parts = score_shard(catalog, run_id, models, options, margin_source, progress=progress)
-    count = load_scores(catalog, run_id, parts, margin_source)
+    count = load_scores(catalog, run_id, parts)
     catalog.upsert_run(run_id, config={"score": {**options.to_dict(), "margin_source": margin_source,
                                                  "tokenizer": models.tokenizer_name}})
     return ScoreResult(run_id, count, margin_source, parts)

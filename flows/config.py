@@ -1,0 +1,119 @@
+"""One typed configuration for every flow, loadable from a YAML recipe.
+
+The sections reuse the libraries' own dataclasses (pydantic validates them), so a setting is
+declared once, where the code that uses it lives. Precedence: defaults < recipe < flags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from curation.decide import CurateConfig
+from curation.errors import WinnowError
+from curation.ingest import IngestOptions
+from curation.score.scoring import ScoreOptions
+from training.config import TrainConfig
+
+DEMO_SOURCE = str(Path(__file__).resolve().parents[1] / "data" / "demo" / "pairs.jsonl")
+TaskRunnerName = Literal["threads", "processes", "dask", "ray"]
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation after training (see training/evaluate.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    prompts: int = 200
+    heldout_pairs: int = 300
+    max_new_tokens: int = 24
+    seed: int = 1234
+
+
+class PipelineConfig(BaseModel):
+    """Parameters of `curate`, `train` and `curate-and-train`."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    sources: list[str] = Field(default_factory=lambda: [DEMO_SOURCE])
+    workdir: str = "runs"
+    run_id: str | None = None
+    model: str = "winnow-tiny"  # the default local model, or any path / hub id
+    ingest: IngestOptions = Field(default_factory=IngestOptions)
+    score: ScoreOptions = Field(default_factory=lambda: ScoreOptions(max_length=128))
+    score_shards: int = 2  # scoring tasks; a Dask/Ray runner spreads them over workers
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_length=128, batch_size=32))
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    task_runner: TaskRunnerName = "threads"
+    refresh: bool = False
+    fail_after: str | None = None  # testing aid: raise after this task, to exercise resume
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+        data: dict[str, Any] = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise WinnowError(f"recipe {path} not found")
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise WinnowError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            if not isinstance(data, dict):
+                raise WinnowError(f"recipe {path} must be a mapping of settings")
+        merged = _deep_merge(cls().dump(), data)  # a partial section keeps the other defaults
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(merged, dotted, value)
+        try:
+            config = cls.model_validate(merged)
+        except (ValidationError, WinnowError, ValueError, TypeError) as exc:
+            raise WinnowError(f"invalid settings: {_first_error(exc)}") from None
+        if config.score.max_length != config.train.max_length:
+            raise WinnowError(
+                f"score.max_length ({config.score.max_length}) must equal train.max_length "
+                f"({config.train.max_length}): the curated reference log-probs depend on it"
+            )
+        return config
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise WinnowError(f"cannot set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}"
+    return str(exc).splitlines()[0]
+
+
+def parse_set(pairs: list[str]) -> dict[str, Any]:
+    """`--set train.learning_rate=1e-4` pairs; values are read as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in pairs:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise WinnowError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out

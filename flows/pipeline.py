@@ -1,0 +1,178 @@
+"""The flows: `curate`, `train` and `curate-and-train`. Orchestration only.
+
+Each flow takes a recipe path and dotted overrides (JSON-friendly, so deployments and the
+UI can pass them) and builds one `PipelineConfig`. Scoring fans out into shard tasks on the
+chosen task runner; everything else runs in order, each step cached by its inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.futures import wait
+from prefect.states import State
+
+from curation.errors import WinnowError
+from flows import tasks
+from flows.config import PipelineConfig
+
+FAIL_AFTER_ENV = "WINNOW_FAIL_AFTER"  # testing aid: raise after the named step, to exercise resume
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+def make_task_runner(name: str, workers: int = 2):  # noqa: ANN201 - a Prefect TaskRunner
+    if name == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if name == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if name == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise WinnowError("the dask task runner needs the extra: pip install 'winnow[dask]'") from None
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    if name == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise WinnowError("the ray task runner needs the extra: pip install 'winnow[ray]'") from None
+        return RayTaskRunner()
+    raise WinnowError(f"unknown task runner {name!r}: threads, processes, dask or ray")
+
+
+class _Steps:
+    """Runs tasks with the workspace's result storage and records which came from cache."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.storage = Path(config.workdir).resolve() / ".prefect-results"
+        self.cached: list[str] = []
+        self.fail_after = os.environ.get(FAIL_AFTER_ENV)
+
+    def _prepare(self, task_fn):  # noqa: ANN001, ANN202
+        return task_fn.with_options(result_storage=self.storage, refresh_cache=self.config.refresh or None)
+
+    def _record(self, name: str, state: State) -> Any:
+        if state.name == "Cached":
+            self.cached.append(name)
+        result = state.result()
+        if self.fail_after == name:
+            raise InjectedFailure(f"injected failure after {name} ({FAIL_AFTER_ENV})")
+        return result
+
+    def run(self, name: str, task_fn, **kwargs: Any) -> Any:  # noqa: ANN001
+        return self._record(name, self._prepare(task_fn)(**kwargs, return_state=True))
+
+    def fan_out(self, name: str, task_fn, calls: list[dict[str, Any]]) -> list[Any]:  # noqa: ANN001
+        prepared = self._prepare(task_fn)
+        futures = [prepared.submit(**kwargs) for kwargs in calls]
+        wait(futures)
+        states = [f.state for f in futures]
+        results = []
+        for state in states:
+            if state.name == "Cached":
+                self.cached.append(name)
+            results.append(state.result())
+        if self.fail_after == name:
+            raise InjectedFailure(f"injected failure after {name} ({FAIL_AFTER_ENV})")
+        return results
+
+
+def _curate(steps: _Steps) -> dict[str, Any]:
+    config = steps.config
+    ingested = steps.run("ingest", tasks.ingest_task, config=config)
+    run_id = ingested["run_id"]
+    model_path = steps.run("build-model", tasks.model_task, config=config, run_id=run_id)
+    n = max(1, config.score_shards)
+    shard_parts = steps.fan_out("score-shard", tasks.score_shard_task,
+                                [{"config": config, "run_id": run_id, "model_path": model_path, "shard": (i, n)}
+                                 for i in range(n)])
+    parts = sorted(p for part in shard_parts for p in part)
+    scored = steps.run("score", tasks.load_scores_task, config=config, run_id=run_id, parts=parts)
+    curated = steps.run("curate", tasks.curate_task, config=config, run_id=run_id, parts=parts)
+    return {"run_id": run_id, "ingest": ingested, "model_path": model_path, "scored_pairs": scored, **curated}
+
+
+def _train(steps: _Steps, run_id: str, shard_dir: str, model_path: str) -> dict[str, Any]:
+    config = steps.config
+    trained = steps.run("train-stages", tasks.train_task, config=config, run_id=run_id, shard_dir=shard_dir,
+                        model_path=model_path)
+    metrics: dict[str, float] = {}
+    if config.eval.enabled:
+        metrics = steps.run("evaluate", tasks.evaluate_task, config=config, run_id=run_id,
+                            policy_path=trained["final_model"], reference_path=model_path)
+    return {**trained, "eval": metrics}
+
+
+def _finish(steps: _Steps, summary: dict[str, Any]) -> dict[str, Any]:
+    tasks.publish_task.with_options(result_storage=steps.storage)(config=steps.config, run_id=summary["run_id"],
+                                                                   summary=summary)
+    summary["cached_tasks"] = steps.cached
+    return summary
+
+
+@flow(name="curate", log_prints=True)
+def curate_flow(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Ingest, score, filter, stage and shard; publishes the decision table and report."""
+    steps = _Steps(PipelineConfig.load(recipe, overrides))
+    summary = _curate(steps)
+    get_run_logger().info("curated run %s: kept %s of %s pairs", summary["run_id"], summary["kept"], summary["pairs"])
+    return _finish(steps, summary)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(shards: str, recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train every stage of a curated shard folder (a run folder or its shards/ folder)."""
+    config = PipelineConfig.load(recipe, overrides)
+    steps = _Steps(config)
+    shard_dir = Path(shards)
+    if (shard_dir / "shards" / "manifest.json").is_file():
+        shard_dir = shard_dir / "shards"
+    from training.stages import ShardManifest
+
+    manifest = ShardManifest.load(shard_dir)
+    run_id = manifest.raw.get("run_id") or shard_dir.parent.name
+    model_path = config.model if config.model != "winnow-tiny" else (manifest.reference or config.model)
+    summary = {"run_id": run_id, "shard_dir": str(shard_dir), "model_path": model_path}
+    summary.update(_train(steps, run_id, str(shard_dir), model_path))
+    return _finish(steps, summary)
+
+
+@flow(name="curate-and-train", log_prints=True)
+def curate_and_train_flow(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole pipeline on the configured sources (the bundled demo by default)."""
+    steps = _Steps(PipelineConfig.load(recipe, overrides))
+    summary = _curate(steps)
+    summary.update(_train(steps, summary["run_id"], summary["shard_dir"], summary["model_path"]))
+    logger = get_run_logger()
+    logger.info("run %s: kept %s/%s pairs, %s stages, eval %s", summary["run_id"], summary["kept"],
+                summary["pairs"], len(summary["stages"]), summary.get("eval"))
+    return _finish(steps, summary)
+
+
+FLOWS = {"curate": curate_flow, "train": train_flow, "curate-and-train": curate_and_train_flow}
+
+
+def run_flow(name: str, recipe: str | None, overrides: dict[str, Any], task_runner: str | None = None,
+             **params: Any) -> dict[str, Any]:
+    """Run a flow directly (no server needed: Prefect starts a temporary local API)."""
+    if name not in FLOWS:
+        raise WinnowError(f"unknown flow {name!r}; flows: {', '.join(FLOWS)}")
+    config = PipelineConfig.load(recipe, overrides)  # bad settings or paths fail here, in one line
+    if name != "train":
+        from curation.ingest import resolve_sources
+
+        resolve_sources(config.sources)
+    runner = make_task_runner(task_runner or config.task_runner, workers=max(2, min(config.score_shards, 8)))
+    return FLOWS[name].with_options(task_runner=runner)(recipe=recipe, overrides=overrides, **params)

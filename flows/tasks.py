@@ -1,0 +1,208 @@
+"""Prefect tasks: each one is a thin call into curation/ or training/.
+
+Every task that does real work is cached by the content of its inputs (flows.caching) and
+persists its small result under the workspace, so a run that died resumes where it stopped
+and `--refresh` recomputes. Retries happen only on transient errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.caching import content_key, retry_on_transient
+from flows.config import PipelineConfig
+
+_COMMON: dict[str, Any] = {"persist_result": True, "retries": 2, "retry_delay_seconds": 2,
+                           "retry_condition_fn": retry_on_transient}
+
+
+def _catalog(config: PipelineConfig):  # noqa: ANN202
+    from curation.store import Catalog
+
+    return Catalog(config.workdir)
+
+
+def _workdir(config: PipelineConfig) -> str:
+    return str(Path(config.workdir).resolve())
+
+
+# -- ingest ---------------------------------------------------------------------------------
+
+
+def _ingest_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    from curation.ingest import resolve_sources
+
+    config: PipelineConfig = parameters["config"]
+    sources = resolve_sources(config.sources)
+    files = [s.location for s in sources if s.kind != "hub"]
+    return content_key("ingest", [_workdir(config), config.run_id, config.ingest.to_dict(),
+                                  [s.label for s in sources]], files)
+
+
+@task(name="ingest", cache_key_fn=_ingest_key, **_COMMON)
+def ingest_task(config: PipelineConfig) -> dict[str, Any]:
+    from curation.ingest import ingest
+
+    result = ingest(config.sources, _catalog(config), config.ingest, run_id=config.run_id)
+    return {"run_id": result.run_id, "accounting": result.accounting.to_dicts(), "reasons": result.reasons.to_dicts(),
+            "pairs": result.pairs, "quarantined": result.quarantined, "rows_read": result.rows_read}
+
+
+# -- model ----------------------------------------------------------------------------------
+
+
+def _model_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    config: PipelineConfig = parameters["config"]
+    return content_key("model", [_workdir(config), parameters["run_id"], config.model])
+
+
+@task(name="build-model", cache_key_fn=_model_key, **_COMMON)
+def model_task(config: PipelineConfig, run_id: str) -> str:
+    """The reference/start model: winnow-tiny is built (and cached) from this run's pairs."""
+    from training.models import resolve_model
+
+    pairs = _catalog(config).query("SELECT prompt, chosen FROM pairs WHERE run_id = ?", [run_id], read_only=False)
+    return str(resolve_model(config.model, pairs["prompt"].to_list(), pairs["chosen"].to_list(),
+                             Path(config.workdir)))
+
+
+# -- score ----------------------------------------------------------------------------------
+
+
+def _score_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    config: PipelineConfig = parameters["config"]
+    settings = [_workdir(config), parameters["run_id"], config.score.to_dict(), parameters["shard"]]
+    return content_key("score-shard", settings, [parameters["model_path"]])
+
+
+def scoring_models(model_path: str, reference: bool = True):  # noqa: ANN201
+    from curation.score.scoring import ScoringModels
+    from training.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    return ScoringModels(tokenizer, model_path, reference=load_model(model_path) if reference else None)
+
+
+@task(name="score-shard", cache_key_fn=_score_key, **_COMMON)
+def score_shard_task(config: PipelineConfig, run_id: str, model_path: str, shard: tuple[int, int]) -> list[str]:
+    from curation.score.scoring import resolve_margin_source, score_shard
+
+    catalog = _catalog(config)
+    models = scoring_models(model_path)
+    margin_source = resolve_margin_source(config.score.margin, catalog, run_id, models)
+    parts = score_shard(catalog, run_id, models, config.score, margin_source, shard=shard)
+    return [str(p) for p in parts]
+
+
+def _load_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    config: PipelineConfig = parameters["config"]
+    return content_key("load-scores", [_workdir(config), parameters["run_id"]], parameters["parts"])
+
+
+@task(name="load-scores", cache_key_fn=_load_key, **_COMMON)
+def load_scores_task(config: PipelineConfig, run_id: str, parts: list[str]) -> int:
+    from curation.score.scoring import load_scores
+
+    catalog = _catalog(config)
+    count = load_scores(catalog, run_id, [Path(p) for p in parts])
+    catalog.upsert_run(run_id, config={"score": config.score.to_dict()})
+    return count
+
+
+# -- curate ---------------------------------------------------------------------------------
+
+
+def _curate_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    config: PipelineConfig = parameters["config"]
+    return content_key("curate", [_workdir(config), parameters["run_id"], config.curate.to_dict()],
+                       parameters["parts"])
+
+
+@task(name="curate", cache_key_fn=_curate_key, **_COMMON)
+def curate_task(config: PipelineConfig, run_id: str, parts: list[str]) -> dict[str, Any]:
+    from curation.decide import curate
+
+    result = curate(_catalog(config), run_id, config.curate)
+    return {"run_id": run_id, "pairs": result.pairs, "kept": result.kept, "dropped": result.dropped,
+            "stage_sizes": result.stage_sizes, "advice": result.advice.to_dict(),
+            "shard_dir": str(result.shard_dir), "manifest": str(result.manifest_path),
+            "report": str(result.report_path) if result.report_path else None}
+
+
+# -- train ----------------------------------------------------------------------------------
+
+
+def train_output_dir(config: PipelineConfig, run_id: str, shard_dir: str, model_path: str) -> Path:
+    """One folder per (shards, start model, training settings): stage markers never mix runs."""
+    key = content_key("train", [config.train.to_dict(), model_path], [shard_dir])
+    return Path(config.workdir) / run_id / "train" / key.split("-", 1)[1][:12]
+
+
+def _train_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    config: PipelineConfig = parameters["config"]
+    return content_key("train-stages", [_workdir(config), config.train.to_dict()],
+                       [parameters["shard_dir"], parameters["model_path"]])
+
+
+@task(name="train-stages", cache_key_fn=_train_key, **_COMMON)
+def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: str) -> dict[str, Any]:
+    from flows.artifacts import TrainingProgress
+    from training.stages import ShardManifest, train_stages
+
+    catalog = _catalog(config)
+    manifest = ShardManifest.load(Path(shard_dir))
+    total = len(manifest.stages[: config.train.max_stages] if config.train.max_stages else manifest.stages)
+    results = train_stages(Path(shard_dir), model_path, train_output_dir(config, run_id, shard_dir, model_path),
+                           config.train, metrics_sink=_metrics_sink(catalog, run_id),
+                           callbacks=[TrainingProgress(run_id, total)])
+    catalog.upsert_run(run_id, stage="train", status="trained", config={"train": config.train.to_dict()})
+    return {"stages": [{"stage": r.stage, "model_dir": str(r.model_dir), "pairs": r.pairs, "objective": r.objective,
+                        "resumed": r.resumed, "reference_source": r.reference_source, "train_loss": r.train_loss,
+                        "seconds": round(r.seconds, 1)} for r in results],
+            "final_model": str(results[-1].model_dir)}
+
+
+def _metrics_sink(catalog, run_id: str):  # noqa: ANN001, ANN202
+    import polars as pl
+
+    def sink(stage: int, rows: list[dict[str, Any]]) -> None:
+        frame = pl.DataFrame(rows, infer_schema_length=None).with_columns(run_id=pl.lit(run_id))
+        with catalog.transaction() as con:
+            con.execute("DELETE FROM train_metrics WHERE run_id = ? AND stage = ?", [run_id, stage])
+            if frame.height:
+                con.register("_metrics", frame.to_arrow())
+                cols = ", ".join(frame.columns)
+                con.execute(f"INSERT INTO train_metrics ({cols}) SELECT {cols} FROM _metrics")
+                con.unregister("_metrics")
+
+    return sink
+
+
+# -- evaluate -------------------------------------------------------------------------------
+
+
+def _eval_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    config: PipelineConfig = parameters["config"]
+    return content_key("evaluate", [_workdir(config), parameters["run_id"], config.eval.model_dump()],
+                       [parameters["policy_path"], parameters["reference_path"]])
+
+
+@task(name="evaluate", cache_key_fn=_eval_key, **_COMMON)
+def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, reference_path: str) -> dict[str, float]:
+    from flows.evaluation import run_evaluation
+
+    return run_evaluation(_catalog(config), run_id, policy_path, reference_path, config)
+
+
+# -- report and artifacts (cheap, never cached) ---------------------------------------------
+
+
+@task(name="publish-artifacts", cache_policy=NO_CACHE)
+def publish_task(config: PipelineConfig, run_id: str, summary: dict[str, Any]) -> str | None:
+    from flows.artifacts import publish_run_artifacts
+
+    return publish_run_artifacts(_catalog(config), run_id, summary)
