@@ -7,6 +7,7 @@ and `--refresh` recomputes. Retries happen only on transient errors.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +80,19 @@ def _score_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     return content_key("score-shard", settings, [parameters["model_path"]])
 
 
+# transformers builds models on the meta device first; two threads loading at once can
+# trip over each other ("Cannot copy out of meta tensor"), so thread-runner shards take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 def scoring_models(model_path: str, reference: bool = True):  # noqa: ANN201
     from curation.score.scoring import ScoringModels
     from training.models import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(model_path)
-    return ScoringModels(tokenizer, model_path, reference=load_model(model_path) if reference else None)
+    with _LOAD_LOCK:
+        tokenizer = load_tokenizer(model_path)
+        model = load_model(model_path) if reference else None
+    return ScoringModels(tokenizer, model_path, reference=model)
 
 
 @task(name="score-shard", cache_key_fn=_score_key, **_COMMON)
