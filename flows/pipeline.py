@@ -94,9 +94,10 @@ def _curate(steps: _Steps) -> dict[str, Any]:
     ingested = steps.run("ingest", tasks.ingest_task, config=config)
     run_id = ingested["run_id"]
     model_path = steps.run("build-model", tasks.model_task, config=config, run_id=run_id)
+    exported = steps.run("export-pairs", tasks.export_task, config=config, run_id=run_id)
     n = max(1, config.score_shards)
     shard_parts = steps.fan_out("score-shard", tasks.score_shard_task,
-                                [{"config": config, "run_id": run_id, "model_path": model_path, "shard": (i, n)}
+                                [{"config": config, **exported, "model_path": model_path, "shard": (i, n)}
                                  for i in range(n)])
     parts = sorted(p for part in shard_parts for p in part)
     scored = steps.run("score", tasks.load_scores_task, config=config, run_id=run_id, parts=parts)

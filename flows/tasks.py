@@ -74,10 +74,25 @@ def model_task(config: PipelineConfig, run_id: str) -> str:
 # -- score ----------------------------------------------------------------------------------
 
 
+def _export_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    config: PipelineConfig = parameters["config"]
+    return content_key("export-pairs", [_workdir(config), parameters["run_id"], config.score.margin])
+
+
+@task(name="export-pairs", cache_key_fn=_export_key, **_COMMON)
+def export_task(config: PipelineConfig, run_id: str) -> dict[str, str]:
+    """One parquet file the scoring shards stream from, and the margin source they all use."""
+    from curation.score.scoring import export_pairs, resolve_margin_source
+
+    catalog = _catalog(config)
+    margin_source = resolve_margin_source(config.score.margin, catalog, run_id, None)
+    return {"pairs_path": str(export_pairs(catalog, run_id)), "margin_source": margin_source}
+
+
 def _score_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     config: PipelineConfig = parameters["config"]
-    settings = [_workdir(config), parameters["run_id"], config.score.to_dict(), parameters["shard"]]
-    return content_key("score-shard", settings, [parameters["model_path"]])
+    settings = [_workdir(config), config.score.to_dict(), parameters["shard"], parameters["margin_source"]]
+    return content_key("score-shard", settings, [parameters["model_path"], parameters["pairs_path"]])
 
 
 # transformers builds models on the meta device first; two threads loading at once can
@@ -96,13 +111,13 @@ def scoring_models(model_path: str, reference: bool = True):  # noqa: ANN201
 
 
 @task(name="score-shard", cache_key_fn=_score_key, **_COMMON)
-def score_shard_task(config: PipelineConfig, run_id: str, model_path: str, shard: tuple[int, int]) -> list[str]:
-    from curation.score.scoring import resolve_margin_source, score_shard
+def score_shard_task(config: PipelineConfig, pairs_path: str, margin_source: str, model_path: str,
+                     shard: tuple[int, int]) -> list[str]:
+    from curation.score.scoring import score_shard
 
-    catalog = _catalog(config)
-    models = scoring_models(model_path)
-    margin_source = resolve_margin_source(config.score.margin, catalog, run_id, models)
-    parts = score_shard(catalog, run_id, models, config.score, margin_source, shard=shard)
+    out_dir = Path(pairs_path).parent / "scores"
+    parts = score_shard(Path(pairs_path), out_dir, scoring_models(model_path), config.score, margin_source,
+                        shard=shard)
     return [str(p) for p in parts]
 
 
@@ -201,9 +216,12 @@ def _eval_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 
 @task(name="evaluate", cache_key_fn=_eval_key, **_COMMON)
 def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, reference_path: str) -> dict[str, float]:
-    from flows.evaluation import run_evaluation
+    from training.run_evaluation import evaluate_run
 
-    return run_evaluation(_catalog(config), run_id, policy_path, reference_path, config)
+    e = config.eval
+    return evaluate_run(_catalog(config), run_id, policy_path, reference_path, prompts=e.prompts,
+                        pairs=e.heldout_pairs, max_new_tokens=e.max_new_tokens, max_length=config.train.max_length,
+                        beta=config.score.beta, seed=e.seed)
 
 
 # -- report and artifacts (cheap, never cached) ---------------------------------------------

@@ -18,7 +18,13 @@ import polars as pl
 from curation.errors import WinnowError
 from curation.progress import progress_bar
 from curation.score.features import text_features, token_features
-from curation.score.margins import MARGIN_SOURCES, policy_margin, reference_margin, reward_model_margin, scores_margin
+from curation.score.margins import (
+    MARGIN_SOURCES,
+    policy_margin,
+    reference_margin,
+    reward_model_margin,
+    scores_margin,
+)
 from curation.store import Catalog
 from training.tokenization import tokenize_pairs
 
@@ -65,7 +71,7 @@ def scores_dir(workdir: Path, run_id: str) -> Path:
     return Path(workdir) / run_id / "scores"
 
 
-def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models: ScoringModels) -> str:
+def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models: ScoringModels | None) -> str:
     """`auto`: the source's ratings when every pair has them, else the reference model."""
     if requested != "auto":
         return requested
@@ -77,7 +83,7 @@ def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models:
     ).row(0)
     if unscored[1] and unscored[0] == 0:
         return "scores"
-    if models.reference is not None:
+    if models is None or models.reference is not None:
         return "reference"
     raise WinnowError("no ratings in the source and no reference model: pass --margin reward-model or a model")
 
@@ -126,34 +132,67 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
     )
 
 
-def _pair_batches(catalog: Catalog, run_id: str, batch_pairs: int, shard: tuple[int, int] | None):
-    where, params = "run_id = ?", [run_id]
-    if shard is not None:
-        where += " AND hash(pair_id) % ? = ?"
-        params += [shard[1], shard[0]]
-    sql = f"""SELECT pair_id, prompt, chosen, rejected, score_chosen, score_rejected
-              FROM pairs WHERE {where} ORDER BY source, source_row"""
-    with catalog.connect(read_only=True) as con:  # shard tasks in other processes read at once
-        total = con.execute(f"SELECT count(*) FROM pairs WHERE {where}", params).fetchall()[0][0]
-        reader = con.sql(sql, params=params).fetch_arrow_reader(batch_size=batch_pairs)
-        yield total
-        for record_batch in reader:
-            yield pl.from_arrow(record_batch)
+PAIR_COLUMNS = "pair_id, prompt, chosen, rejected, score_chosen, score_rejected"
 
 
-def score_shard(catalog: Catalog, run_id: str, models: ScoringModels, options: ScoreOptions, margin_source: str,
+def export_pairs(catalog: Catalog, run_id: str) -> Path:
+    """Write the run's pairs to one parquet file that scoring tasks stream from.
+
+    Shard tasks (threads, processes, Dask or Ray workers) then read a file, never the
+    catalog: DuckDB allows one writing process per file, and a scorer holds its input for
+    minutes.
+    """
+    out = Path(catalog.workdir) / run_id / "pairs.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with catalog.connect() as con:
+        con.execute(
+            f"COPY (SELECT {PAIR_COLUMNS} FROM pairs WHERE run_id = ? ORDER BY source, source_row) "
+            f"TO '{tmp}' (FORMAT parquet, ROW_GROUP_SIZE 20000)",
+            [run_id],
+        )
+    tmp.replace(out)
+    return out
+
+
+def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """Contiguous rows [start, stop) of shard (index, count): near-equal sizes, all rows once."""
+    if shard is None:
+        return 0, total
+    index, count = shard
+    if not 0 <= index < count:
+        raise WinnowError(f"shard index {index} out of range for {count} shards")
+    return index * total // count, (index + 1) * total // count
+
+
+def _pair_batches(pairs_path: Path, batch_pairs: int, shard: tuple[int, int] | None):
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(pairs_path)
+    start, stop = shard_range(parquet.metadata.num_rows, shard)
+    yield stop - start
+    offset = 0
+    for record_batch in parquet.iter_batches(batch_size=batch_pairs):
+        lo, hi = max(start - offset, 0), min(stop - offset, record_batch.num_rows)
+        offset += record_batch.num_rows
+        if hi > lo:
+            yield pl.from_arrow(record_batch.slice(lo, hi - lo))
+        if offset >= stop:
+            break
+
+
+def score_shard(pairs_path: Path, out_dir: Path, models: ScoringModels, options: ScoreOptions, margin_source: str,
                 shard: tuple[int, int] | None = None, progress: bool = True) -> list[Path]:
-    """Score one shard (or all pairs) into parquet part files; returns their paths."""
-    out_dir = scores_dir(catalog.workdir, run_id)
+    """Score one shard (or all pairs) of an exported pairs file into parquet parts; returns their paths."""
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"shard{shard[0]:04d}of{shard[1]:04d}" if shard else "all"
     for stale in out_dir.glob(f"{tag}-*.parquet"):
         stale.unlink()
-    batches = _pair_batches(catalog, run_id, options.batch_pairs, shard)
+    batches = _pair_batches(Path(pairs_path), options.batch_pairs, shard)
     total = next(batches)
     paths: list[Path] = []
-    with progress_bar(f"score {run_id}" + (f" [{tag}]" if shard else ""), total=total, unit="pair",
-                      enabled=progress) as bar:
+    with progress_bar("score" + (f" [{tag}]" if shard else ""), total=total, unit="pair", enabled=progress) as bar:
         for i, frame in enumerate(batches):
             scored = score_batch(frame, models, options, margin_source, progress=False)
             path = out_dir / f"{tag}-{i:05d}.parquet"
@@ -194,8 +233,9 @@ def score_run(catalog: Catalog, run_id: str, models: ScoringModels, options: Sco
     if not catalog.run_exists(run_id):
         raise WinnowError(f"no run {run_id!r} in {catalog.path}; run `winnow ingest` first")
     margin_source = resolve_margin_source(options.margin, catalog, run_id, models)
-    shutil.rmtree(scores_dir(catalog.workdir, run_id), ignore_errors=True)
-    parts = score_shard(catalog, run_id, models, options, margin_source, progress=progress)
+    out_dir = scores_dir(catalog.workdir, run_id)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    parts = score_shard(export_pairs(catalog, run_id), out_dir, models, options, margin_source, progress=progress)
     count = load_scores(catalog, run_id, parts)
     catalog.upsert_run(run_id, config={"score": {**options.to_dict(), "margin_source": margin_source,
                                                  "tokenizer": models.tokenizer_name}})
