@@ -17,6 +17,7 @@ from curation.errors import WinnowError
 from curation.ingest import IngestOptions
 from curation.score.scoring import ScoreOptions
 from training.config import TrainConfig
+from training.models import TinyModelConfig
 
 DEMO_SOURCE = str(Path(__file__).resolve().parents[1] / "data" / "demo" / "pairs.jsonl")
 TaskRunnerName = Literal["threads", "processes", "dask", "ray"]
@@ -42,6 +43,7 @@ class PipelineConfig(BaseModel):
     workdir: str = "runs"
     run_id: str | None = None
     model: str = "winnow-tiny"  # the default local model, or any path / hub id
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)  # shape and warm-up of winnow-tiny
     ingest: IngestOptions = Field(default_factory=IngestOptions)
     score: ScoreOptions = Field(default_factory=lambda: ScoreOptions(max_length=128))
     score_shards: int = 2  # scoring tasks; a Dask/Ray runner spreads them over workers

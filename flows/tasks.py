@@ -8,6 +8,7 @@ and `--refresh` recomputes. Retries happen only on transient errors.
 from __future__ import annotations
 
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -58,17 +59,19 @@ def ingest_task(config: PipelineConfig) -> dict[str, Any]:
 
 def _model_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     config: PipelineConfig = parameters["config"]
-    return content_key("model", [_workdir(config), parameters["run_id"], config.model])
+    return content_key("model", [_workdir(config), parameters["run_id"], config.model, asdict(config.tiny)])
 
 
 @task(name="build-model", cache_key_fn=_model_key, **_COMMON)
 def model_task(config: PipelineConfig, run_id: str) -> str:
     """The reference/start model: winnow-tiny is built (and cached) from this run's pairs."""
-    from training.models import resolve_model
+    from training.models import DEFAULT_MODEL, build_default_model
 
+    if config.model != DEFAULT_MODEL:
+        return config.model
     pairs = _catalog(config).query("SELECT prompt, chosen FROM pairs WHERE run_id = ?", [run_id], read_only=False)
-    return str(resolve_model(config.model, pairs["prompt"].to_list(), pairs["chosen"].to_list(),
-                             Path(config.workdir)))
+    return str(build_default_model(pairs["prompt"].to_list(), pairs["chosen"].to_list(), Path(config.workdir),
+                                   config.tiny))
 
 
 # -- score ----------------------------------------------------------------------------------
