@@ -39,15 +39,16 @@ COLUMNS = (
     "chosen_tokens",
     "rejected_tokens",
 )
-# Attention backends that accept a ready 4D boolean mask (needed for the shared-prompt rows)
+# Attention backends that are plain causal SDPA math and accept a ready 4D boolean mask
 _MASK4D_ATTENTION = ("sdpa", "eager")
-# Logit elements per LM-head chunk: bounds the (rows x vocab) tile to 64 MiB in fp32
-_LM_HEAD_CHUNK_ELEMS = 1 << 24
+# Logit elements per LM-head chunk: bounds the fp32 (rows x vocab) tile to 64 MiB on CPU
+# (cache-sized), 1 GiB on GPUs (few, large GEMMs)
+_LM_HEAD_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 def default_batch_tokens(device: torch.device) -> int:
-    """Padded tokens per forward: small on CPU (cache-friendly), large on GPUs (occupancy)."""
-    return 65536 if device.type == "cuda" else 8192
+    """Tokens per forward: small on CPU (cache-friendly; measured best at 2-4k), large on GPUs (occupancy)."""
+    return 65536 if device.type == "cuda" else 4096
 
 
 def _logit_transform(model) -> tuple[float, float | None]:
@@ -74,7 +75,7 @@ def _completion_logps(
 ) -> torch.Tensor:
     """log p(target | hidden) per row, fp32, projecting onto the vocabulary chunk by chunk."""
     vocab = weight.shape[0]
-    rows = max(64, _LM_HEAD_CHUNK_ELEMS // vocab)
+    rows = max(64, _LM_HEAD_CHUNK_ELEMS.get(hidden.device.type, 1 << 24) // vocab)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     w = weight.to(hidden.dtype)
     fp32_out = hidden.device.type == "cuda" and hidden.dtype in (torch.bfloat16, torch.float16)
@@ -134,14 +135,20 @@ class _Rows:
         # numbers do not depend on the input order, and padding within a bucket is minimal.
         self.order = sorted(range(len(self.ids)), key=lambda j: (self.length[j], self.ids[j]))
 
-    def buckets(self, batch_tokens: int) -> list[np.ndarray]:
-        """Consecutive runs of the sorted rows whose padded size stays within ``batch_tokens``."""
-        out, cur = [], []
+    def buckets(self, batch_tokens: int, packed: bool) -> list[np.ndarray]:
+        """Consecutive runs of the sorted rows within ``batch_tokens``.
+
+        Packed: real tokens of the run. Padded: rows times the longest row of the run.
+        """
+        out, cur, total = [], [], 0
         for j in self.order:
-            if cur and (len(cur) + 1) * int(self.length[j]) > batch_tokens:
+            n = int(self.length[j])
+            size = total + n if packed else (len(cur) + 1) * n
+            if cur and size > batch_tokens:
                 out.append(np.array(cur))
-                cur = []
+                cur, total = [], 0
             cur.append(j)
+            total += n
         if cur:
             out.append(np.array(cur))
         return out
@@ -154,20 +161,15 @@ def _segments(count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return row, np.arange(int(count.sum())) - first
 
 
-def _bucket_inputs(rows: _Rows, idx: np.ndarray, pad_id: int, mask4d: bool, device: torch.device):
-    """Padded inputs of one bucket plus, per scored token, its predictor position, target and slot."""
-    b = len(idx)
-    t = int(rows.length[idx].max())
-    ids = np.full((b, t), pad_id, dtype=np.int64)
-    for r, j in enumerate(idx.tolist()):
-        ids[r, : rows.length[j]] = rows.ids[j]
-    p, lc, lr = rows.p[idx], rows.lc[idx], rows.lr[idx]
-    split = p + lc  # where the second completion starts
-    end = split + lr
+def _scored(rows: _Rows, idx: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat (predictor position, target position, output slot) of every scored token of a bucket.
 
-    # Scored tokens. First completion: token k is predicted by position p-1+k. Second
-    # completion: token 0 by the last prompt position, token k>0 by split+k-1. A token with
-    # no predictor (empty prompt, first token) is not scored, as in TRL (labels shift by one).
+    First completion: token k is predicted by position p-1+k. Second completion: token 0 by
+    the last prompt position, token k>0 by split+k-1. A token with no predictor (empty
+    prompt, first token) is not scored, as in TRL, whose labels shift by one.
+    """
+    p, lc, lr = rows.p[idx], rows.lc[idx], rows.lr[idx]
+    split = p + lc
     row_c, k_c = _segments(lc)
     row_r, k_r = _segments(lr)
     row = np.concatenate([row_c, row_r])
@@ -175,35 +177,157 @@ def _bucket_inputs(rows: _Rows, idx: np.ndarray, pad_id: int, mask4d: bool, devi
     tgt = np.concatenate([p[row_c] + k_c, split[row_r] + k_r])
     slot = np.concatenate([rows.slot_c[idx][row_c], rows.slot_r[idx][row_r]])
     ok = pred >= 0
-    pred, tgt, slot = row[ok] * t + pred[ok], row[ok] * t + tgt[ok], slot[ok]
+    return offset[row[ok]] + pred[ok], offset[row[ok]] + tgt[ok], slot[ok]
 
-    input_ids = torch.from_numpy(ids)
-    ar = torch.arange(t)
-    end_t = torch.from_numpy(end)
+
+def _padded_inputs(
+    rows: _Rows, idx: np.ndarray, pad_id: int, mask4d: bool, device: torch.device
+) -> tuple[dict, np.ndarray]:
+    """One bucket as a right-padded batch: a 4D mask for shared-prompt rows, else a 2D one."""
+    b = len(idx)
+    t = int(rows.length[idx].max())
+    ids = np.full((b, t), pad_id, dtype=np.int64)
+    for r, j in enumerate(idx.tolist()):
+        ids[r, : rows.length[j]] = rows.ids[j]
+    p, lc, lr = (torch.from_numpy(x[idx]).to(device) for x in (rows.p, rows.lc, rows.lr))
+    split, end = p + lc, p + lc + lr
+    ar = torch.arange(t, device=device)  # masks are built where they are used
     if mask4d:
-        split_t, p_t = torch.from_numpy(split), torch.from_numpy(p)
-        position_ids = torch.where(ar < split_t[:, None], ar, ar - torch.from_numpy(lc)[:, None])
+        # Second completion: positions restart after the prompt; its queries see the prompt and
+        # itself, never the first completion
+        position_ids = torch.where(ar < split[:, None], ar, ar - lc[:, None])
         causal = ar[None, :] <= ar[:, None]  # [q, k]
-        key_ok = ar[None, :] < end_t[:, None]  # [b, k]
-        key_first = (ar[None, :] >= p_t[:, None]) & (ar[None, :] < split_t[:, None])  # [b, k]
-        query_second = ar[None, :] >= split_t[:, None]  # [b, q]
+        key_ok = ar[None, :] < end[:, None]  # [b, k]
+        key_first = (ar[None, :] >= p[:, None]) & (ar[None, :] < split[:, None])  # [b, k]
+        query_second = ar[None, :] >= split[:, None]  # [b, q]
         mask = causal[None] & key_ok[:, None, :] & ~(query_second[:, :, None] & key_first[:, None, :])
-        mask |= torch.eye(t, dtype=torch.bool)[None]  # padding queries see themselves: no NaN
+        mask |= torch.eye(t, dtype=torch.bool, device=device)[None]  # padding queries see themselves: no NaN
         attention_mask = mask[:, None]
     else:
         position_ids = ar.expand(b, t)
-        attention_mask = (ar[None, :] < end_t[:, None]).long()
-    flat_ids = input_ids.view(-1)
-    tgt_t = torch.from_numpy(tgt)
-    targets = flat_ids[tgt_t]
-    return (
-        input_ids.to(device),
-        attention_mask.to(device),
-        position_ids.to(device),
-        torch.from_numpy(pred).to(device),
-        targets.to(device),
-        torch.from_numpy(slot),
+        attention_mask = (ar[None, :] < end[:, None]).long()
+    inputs = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+    }
+    return inputs, np.arange(b) * t
+
+
+def _packed_inputs(rows: _Rows, idx: np.ndarray, device: torch.device) -> tuple[dict, np.ndarray]:
+    """One bucket as a single unpadded sequence; attention runs per row (see ``_packed_attention``)."""
+    lengths = rows.length[idx]
+    offset = np.cumsum(lengths) - lengths
+    ids = np.fromiter(
+        (t for j in idx.tolist() for t in rows.ids[j]), dtype=np.int64, count=int(lengths.sum())
     )
+    p, lc = rows.p[idx], rows.lc[idx]
+    # position within the row; the second completion restarts right after the prompt
+    row, k = _segments(lengths)
+    pos = np.where(k < (p + lc)[row], k, k - lc[row])
+    layout = []
+    for start, pi, si, ei in zip(
+        offset.tolist(), p.tolist(), (p + lc).tolist(), lengths.tolist(), strict=True
+    ):
+        second = None
+        if ei > si:  # keys: prompt then second completion; all prompt keys visible, causal after
+            r = ei - si
+            second = torch.ones(r, pi + r, dtype=torch.bool, device=device)
+            second[:, pi:] = torch.ones(r, r, dtype=torch.bool, device=device).tril()
+        layout.append((start, pi, si, ei, second))
+    inputs = {
+        "input_ids": torch.from_numpy(ids)[None],
+        "position_ids": torch.from_numpy(pos)[None],
+        "winnow_rows": layout,
+    }
+    return inputs, offset
+
+
+_PACKED_ATTENTION = "winnow_packed_sdpa"
+
+
+def _packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    winnow_rows: list | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA per row of a packed sequence: no padding, no masked-out square computed.
+
+    Each row is ``prompt + first [+ second]``: the first part runs causal; the second part's
+    queries attend to the prompt keys and causally to themselves, as in its own sequence.
+    """
+    if winnow_rows is None:
+        raise RuntimeError("winnow packed attention called without its row layout")
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    out = torch.empty_like(query)
+    for start, p, split, end, second in winnow_rows:
+        a, b = start, start + split
+        if split > 0:
+            out[:, :, a:b] = sdpa(
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling
+            )
+        if second is not None:
+            c = start + end
+            k2 = torch.cat([key[:, :, a : a + p], key[:, :, b:c]], dim=2)
+            v2 = torch.cat([value[:, :, a : a + p], value[:, :, b:c]], dim=2)
+            out[:, :, b:c] = sdpa(query[:, :, b:c], k2, v2, attn_mask=second, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_packed_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_PACKED_ATTENTION, _packed_attention)
+
+
+class _AttentionSwap:
+    """Temporarily route the model's attention through ``name`` (restored on exit)."""
+
+    def __init__(self, model, name: str | None) -> None:
+        self.configs = [
+            c for c in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
+        ]
+        self.name = name
+        self.saved: list = []
+
+    def __enter__(self) -> None:
+        if self.name is None:
+            return
+        for c in self.configs:
+            self.saved.append(c._attn_implementation_internal)
+            c._attn_implementation_internal = self.name
+
+    def __exit__(self, *exc) -> None:
+        for c, v in zip(self.configs, self.saved, strict=False):
+            c._attn_implementation_internal = v
+
+
+def _shared_blockers(model) -> list[str]:
+    """Why the model cannot run rows whose attention differs from plain causal (empty: it can)."""
+    cfg = model.config.get_text_config()
+    why = []
+    attn = getattr(cfg, "_attn_implementation", None) or "eager"
+    if attn not in _MASK4D_ATTENTION:
+        why.append(f"attention backend {attn!r} (needs sdpa or eager)")
+    layer_types = getattr(cfg, "layer_types", None) or []
+    sliding = getattr(cfg, "sliding_window", None)
+    if any("sliding" in str(t) for t in layer_types) or (
+        sliding is not None and getattr(cfg, "use_sliding_window", True)
+    ):
+        why.append("sliding-window attention")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        why.append("attention logit soft-capping")
+    return why
 
 
 def _model_device(model) -> torch.device:
@@ -218,6 +342,7 @@ def score_tokenized(
     progress: bool = True,
     device: str | torch.device | None = None,
     share_prompt: bool | None = None,
+    layout: str | None = None,
     autocast: bool | None = None,
     pad_token_id: int | None = None,
 ) -> pl.DataFrame:
@@ -231,27 +356,37 @@ def score_tokenized(
 
     ``share_prompt`` (default: on when possible) runs each pair as one row with the prompt
     once; it needs ``keep_start`` truncation (``keep_end`` cuts the prompt differently for
-    each side) and an sdpa/eager attention backend. ``device`` moves the model there.
-    ``autocast`` (default: on CUDA for fp32 models) runs the backbone in bf16 autocast.
+    each side) and plain causal sdpa/eager attention (no sliding window). ``layout``:
+    ``"packed"`` (CPU default) concatenates the rows of a bucket without padding and runs
+    attention per row; ``"padded"`` (CUDA default: one batched attention kernel per layer)
+    pads sorted rows and masks. ``batch_tokens``: tokens per forward (padding included).
+    ``device`` moves the model there. ``autocast`` (default: on CUDA for fp32 models) runs
+    the model in bf16 autocast; the log-softmax is fp32 either way.
     """
     if device is not None and _model_device(model) != torch.device(device):
         model.to(device)
     dev = _model_device(model)
     batch_tokens = batch_tokens or default_batch_tokens(dev)
-    attn = getattr(model.config, "_attn_implementation", None) or "eager"
-    can_share = tokenized.truncation_mode == "keep_start" and attn in _MASK4D_ATTENTION
+    blockers = _shared_blockers(model)
     if share_prompt is None:
-        share_prompt = can_share
-    elif share_prompt and not can_share:
-        raise ValueError(
-            f"share_prompt needs truncation_mode='keep_start' and sdpa/eager attention, got "
-            f"{tokenized.truncation_mode!r} and {attn!r}"
-        )
+        share_prompt = tokenized.truncation_mode == "keep_start" and not blockers
+    elif share_prompt and (tokenized.truncation_mode != "keep_start" or blockers):
+        why = blockers + (["truncation_mode='keep_end'"] if tokenized.truncation_mode != "keep_start" else [])
+        raise ValueError(f"share_prompt is not possible here: {', '.join(why)}")
+    if layout is None:
+        layout = "packed" if dev.type != "cuda" and not blockers else "padded"
+    if layout not in ("packed", "padded"):
+        raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
+    if layout == "packed" and blockers:
+        raise ValueError(f"layout='packed' is not possible here: {', '.join(blockers)}")
+    packed = layout == "packed"
     if autocast is None:
         autocast = dev.type == "cuda" and next(model.parameters()).dtype == torch.float32
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
     pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
+    if packed:
+        _register_packed_attention()
 
     n = len(tokenized)
     sums = torch.zeros(2 * n, dtype=torch.float64)
@@ -262,19 +397,32 @@ def score_tokenized(
     was_training = model.training
     model.eval()
     bar = tqdm(total=int(tokenized.keep.sum()), desc="reference log-probs", unit="pair", disable=not progress)
+    rows_done, per_pair = 0, 1 if share_prompt else 2
     try:
-        with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(autocast)):
-            for idx in rows.buckets(batch_tokens):
-                input_ids, mask, pos, pred, targets, slot = _bucket_inputs(
-                    rows, idx, pad_token_id, share_prompt, dev
-                )
-                hidden = backbone(
-                    input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False
-                ).last_hidden_state
-                hidden = hidden.reshape(-1, hidden.shape[-1])[pred].to(lm_head.weight.device)
-                logps = _completion_logps(hidden, targets, lm_head.weight, lm_head.bias, scale, softcap)
-                sums.index_add_(0, slot, logps.double().cpu())
-                bar.update(len(idx) if share_prompt else len(idx) // 2)
+        with (
+            torch.inference_mode(),
+            torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(autocast)),
+            _AttentionSwap(model, _PACKED_ATTENTION if packed else None),
+        ):
+            for idx in rows.buckets(batch_tokens, packed):
+                if packed:
+                    inputs, offset = _packed_inputs(rows, idx, dev)
+                else:
+                    inputs, offset = _padded_inputs(rows, idx, pad_token_id, share_prompt, dev)
+                pred, tgt, slot = _scored(rows, idx, offset)
+                ids = inputs["input_ids"]
+                targets = ids.view(-1)[torch.from_numpy(tgt)].to(dev)
+                inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+                hidden = backbone(**inputs, use_cache=False).last_hidden_state
+                hidden = hidden.reshape(-1, hidden.shape[-1])[torch.from_numpy(pred).to(dev)]
+                hidden = hidden.to(lm_head.weight.device)
+                with torch.autocast(dev.type, enabled=False):  # explicit dtypes: fp32 logits
+                    logps = _completion_logps(
+                        hidden, targets.to(hidden.device), lm_head.weight, lm_head.bias, scale, softcap
+                    )
+                sums.index_add_(0, torch.from_numpy(slot), logps.double().cpu())
+                rows_done += len(idx)
+                bar.update(rows_done // per_pair - bar.n)
     finally:
         bar.close()
         model.train(was_training)
@@ -292,14 +440,22 @@ def _frame(tp: TokenizedPairs, sums: np.ndarray) -> pl.DataFrame:
     tokens_r = pl.Series("rejected_tokens", tp.rejected_lengths, dtype=pl.Int32)
     if not keep.all():
         dropped = pl.Series(~keep)
-        tokens_c = pl.select(pl.when(dropped).then(None).otherwise(tokens_c)).to_series().alias("chosen_tokens")
-        tokens_r = pl.select(pl.when(dropped).then(None).otherwise(tokens_r)).to_series().alias("rejected_tokens")
+        tokens_c = (
+            pl.select(pl.when(dropped).then(None).otherwise(tokens_c)).to_series().alias("chosen_tokens")
+        )
+        tokens_r = (
+            pl.select(pl.when(dropped).then(None).otherwise(tokens_r)).to_series().alias("rejected_tokens")
+        )
     return pl.DataFrame(
         [
             pl.Series("ref_chosen_logps", chosen, dtype=pl.Float64, nan_to_null=True),
             pl.Series("ref_rejected_logps", rejected, dtype=pl.Float64, nan_to_null=True),
-            pl.Series("ref_chosen_logps_mean", chosen / np.maximum(nc, 1), dtype=pl.Float64, nan_to_null=True),
-            pl.Series("ref_rejected_logps_mean", rejected / np.maximum(nr, 1), dtype=pl.Float64, nan_to_null=True),
+            pl.Series(
+                "ref_chosen_logps_mean", chosen / np.maximum(nc, 1), dtype=pl.Float64, nan_to_null=True
+            ),
+            pl.Series(
+                "ref_rejected_logps_mean", rejected / np.maximum(nr, 1), dtype=pl.Float64, nan_to_null=True
+            ),
             tokens_c,
             tokens_r,
         ]
@@ -319,6 +475,7 @@ def reference_logprobs(
     progress: bool = True,
     device: str | torch.device | None = None,
     share_prompt: bool | None = None,
+    layout: str | None = None,
 ) -> pl.DataFrame:
     """Reference log-probs of string pairs, equal to TRL's ``precompute_ref_log_probs`` pass.
 
@@ -334,5 +491,6 @@ def reference_logprobs(
         progress=progress,
         device=device,
         share_prompt=share_prompt,
+        layout=layout,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )

@@ -1,0 +1,466 @@
+"""Models without the internet: a tiny locally built reference model, and loaders for real ones.
+
+No machine here reaches a model hub, yet the default run must train a real causal LM. So the default
+model ("winnow-tiny") is built from scratch: a byte-level BPE tokenizer trained on the demo texts, a
+small Llama-style network, and a short supervised warm-up (SFT) on prompt -> response pairs so that
+DPO starts from a policy that already does the task roughly. The result is cached on disk under a
+hash of (config, texts), so every later run on the same data reuses it. Any local path or hub id can
+be used instead (see `resolve_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+DEFAULT_MODEL = "winnow-tiny"
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+SFT_HISTORY_FILE = "sft_history.json"
+# Bump when the build recipe changes so that older cached models are not reused by mistake.
+_BUILD_VERSION = 1
+# 256 byte symbols + the special tokens: the smallest vocabulary a byte-level BPE can have.
+_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+class ModelNotFoundError(ValueError):
+    """A model (or tokenizer) is neither a local directory nor loadable from the hub or its cache."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape and warm-up recipe of the default "winnow-tiny" model.
+
+    Defaults are tuned for the synthetic sorting demo: numbers become single BPE tokens, so sorting
+    is a copy-the-next-smallest-token task that a 2-layer model learns in a few hundred steps, and
+    the SFT warm-up stays well inside the CPU time budget of the demo pipeline.
+    """
+
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 256
+    max_position_embeddings: int = 256
+    sft_steps: int = 150
+    sft_batch_size: int = 32
+    sft_lr: float = 3e-3
+    sft_warmup_frac: float = 0.1
+    sft_weight_decay: float = 0.01
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Device
+
+
+def pick_device() -> tuple[torch.device, torch.dtype]:
+    """Best device and matching compute dtype: CUDA with bf16 when available, else CPU with float32.
+
+    bf16 halves memory and is safe for training without loss scaling; CPUs get float32 because bf16
+    matmuls there are slow and lossy.
+    """
+    if torch.cuda.is_available():
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.device("cuda"), dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _available_cpus() -> int:
+    """CPUs this process may run on (cgroup/affinity aware, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _sft_threads(config: TinyModelConfig) -> int:
+    """Intra-op threads for the warm-up: 1 for small widths, else all available CPUs.
+
+    At hidden_size <= 256 the matmuls are too small for a second thread to pay off (measured: same
+    time per step on 2 cores), and when other processes compete for the cores, OpenMP spin-waiting
+    made 2-thread steps 10-30x slower than 1-thread ones. WINNOW_SFT_THREADS overrides.
+    """
+    env = os.environ.get("WINNOW_SFT_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return 1 if config.hidden_size <= 256 else _available_cpus()
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Use n intra-op threads inside the block and restore the caller's setting afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int = 256) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` locally.
+
+    Byte-level means any unicode text round-trips, even characters never seen in training. No
+    post-processor is attached, so a plain call adds no special tokens: TRL appends the eos token to
+    completions itself (DPOTrainer add_eos) and tokenizes prompt and prompt+completion separately, so
+    an automatic bos/eos would be duplicated or break the prompt-prefix match. Special tokens are
+    still recognised inside text, so "answer<|eos|>" encodes the eos id.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < _MIN_VOCAB:
+        raise ValueError(f"vocab_size must be at least {_MIN_VOCAB} for a byte-level BPE, got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        model_max_length=model_max_length,
+        padding_side="right",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Default model: build, warm up, cache
+
+
+def _data_hash(config: TinyModelConfig, prompts: Sequence[str], responses: Sequence[str]) -> str:
+    """Content hash of everything that determines the built model, so equal inputs hit the cache."""
+    h = hashlib.sha256()
+    header = {"version": _BUILD_VERSION, "config": asdict(config), "n": len(prompts)}
+    h.update(json.dumps(header, sort_keys=True).encode())
+    for p, r in zip(prompts, responses, strict=True):
+        for text in (p, r):
+            b = text.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))  # length prefix: ("ab","c") != ("a","bc")
+            h.update(b)
+    return h.hexdigest()[:16]
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], responses: Sequence[str], max_len: int
+) -> list[tuple[list[int], int]]:
+    """Token ids of prompt+response+eos and the number of leading prompt tokens (masked from the loss).
+
+    Tokenizes exactly like TRL's DPO preprocessing (prompt alone, prompt+completion, completion starts
+    at their common prefix) so that the warm-up sees the same token boundaries DPO will.
+    """
+    eos = tokenizer.eos_token
+    p_ids = tokenizer(list(prompts))["input_ids"]
+    f_ids = tokenizer([p + r + eos for p, r in zip(prompts, responses, strict=True)])["input_ids"]
+    out = []
+    for p, f in zip(p_ids, f_ids, strict=True):
+        n_prompt = _common_prefix_len(p, f)
+        f = f[:max_len]
+        if len(f) > n_prompt:  # something left to learn after truncation
+            out.append((f, n_prompt))
+    return out
+
+
+def _batches(
+    examples: list[tuple[list[int], int]], batch_size: int, rng: random.Random
+) -> list[list[tuple[list[int], int]]]:
+    """One epoch of length-bucketed batches in random order: similar lengths pad little."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i][0]), rng.random()))
+    batches = [[examples[i] for i in order[k : k + batch_size]] for k in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(batch: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (ids, n_prompt) in enumerate(batch):
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = t
+        labels[row, n_prompt : len(ids)] = t[n_prompt:]
+        mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 10%: converges fast in few steps without early blow-ups."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    config: TinyModelConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+) -> list[float]:
+    """Supervised warm-up on prompt -> response (loss on response tokens and eos only); returns losses."""
+    examples = _encode_pairs(tokenizer, prompts, responses, config.max_position_embeddings)
+    if not examples:
+        raise ValueError("no usable prompt/response pairs for the SFT warm-up")
+    rng = random.Random(config.seed)
+    model.to(device)
+    model.train()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=config.sft_lr, betas=(0.9, 0.98), weight_decay=config.sft_weight_decay
+    )
+    warmup = max(1, int(config.sft_warmup_frac * config.sft_steps))
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=dtype)
+        if device.type == "cuda" and dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    losses: list[float] = []
+    pending: list[list[tuple[list[int], int]]] = []
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.sft_steps, desc="winnow-tiny SFT warm-up", disable=not progress, leave=False)
+    try:
+        for step in range(config.sft_steps):
+            if not pending:
+                pending = _batches(examples, config.sft_batch_size, rng)
+            batch = {k: v.to(device) for k, v in _collate(pending.pop(), tokenizer.pad_token_id).items()}
+            for group in opt.param_groups:
+                group["lr"] = config.sft_lr * _lr_factor(step, config.sft_steps, warmup)
+            with autocast:
+                loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if step % 10 == 0 or step == config.sft_steps - 1:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        bar.close()
+    model.eval()
+    return losses
+
+
+def build_default_model(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    workdir: Path,
+    config: TinyModelConfig | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build (or reuse) the tiny default model for these prompt/response pairs; returns its directory.
+
+    The directory is workdir/models/winnow-tiny-<hash>, where the hash covers config and texts: the
+    same data and config return at once without retraining. It is written to a temporary directory
+    first and renamed into place, so a crash never leaves a half-written model that looks cached.
+    `responses` should be good answers: the warm-up imitates them. The directory also holds
+    sft_history.json (per-step losses, timing) for inspection and tests.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = config or TinyModelConfig()
+    prompts, responses = list(prompts), list(responses)
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    if not prompts:
+        raise ValueError("build_default_model needs at least one prompt/response pair")
+
+    digest = _data_hash(config, prompts, responses)
+    models_dir = Path(workdir) / "models"
+    final = models_dir / f"{DEFAULT_MODEL}-{digest}"
+    if (final / "config.json").is_file():
+        return final
+    models_dir.mkdir(parents=True, exist_ok=True)
+
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    device, dtype = pick_device()
+    with _torch_threads(_sft_threads(config)):
+        tokenizer = train_tokenizer(
+            [*prompts, *responses], config.vocab_size, model_max_length=config.max_position_embeddings
+        )
+        model_config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            num_key_value_heads=config.num_heads,
+            max_position_embeddings=config.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(model_config)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(model.generation_config, key, getattr(model_config, key))
+        losses = _sft(model, tokenizer, prompts, responses, config, device, dtype, progress)
+    seconds = time.perf_counter() - start
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=models_dir))
+    try:
+        model.to("cpu", torch.float32).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        history = {
+            "name": final.name,
+            "hash": digest,
+            "config": asdict(config),
+            "n_pairs": len(prompts),
+            "n_params": sum(p.numel() for p in model.parameters()),
+            "vocab_size": len(tokenizer),
+            "device": str(device),
+            "seconds": round(seconds, 3),
+            "loss": losses,
+        }
+        (tmp / SFT_HISTORY_FILE).write_text(json.dumps(history, indent=1))
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():  # not a concurrent builder winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model(spec: str, prompts: Sequence[str], responses: Sequence[str], workdir: Path) -> Path | str:
+    """Turn a model spec into something loadable: "winnow-tiny" builds the default, anything else is kept."""
+    if spec == DEFAULT_MODEL:
+        return build_default_model(prompts, responses, workdir)
+    return spec
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Quick TCP probe of the hub endpoint, so an unreachable hub fails in seconds, not after retries."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _resolve_source(name_or_path: str | Path, what: str) -> tuple[str, bool]:
+    """Where to load `name_or_path` from: (local path or hub id, whether the hub is out of reach).
+
+    A missing local path, or a hub id while the hub is offline or unreachable, would otherwise end in
+    long network retries (about 50 s when DNS fails) and a multi-page traceback, so both fail here at
+    once with a one-line ModelNotFoundError. Offline hub ids still load from the local HF cache: the
+    cached snapshot is located first and loaded as a plain directory (passing local_files_only to
+    from_pretrained is not enough: transformers' PEFT adapter probe still goes to the network).
+    """
+    s = str(name_or_path)
+    if Path(s).expanduser().exists():
+        return str(Path(s).expanduser()), False
+    looks_like_path = s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
+    if looks_like_path or not _HUB_ID.match(s):
+        raise ModelNotFoundError(f"{what} {s!r} not found: no such local directory")
+    if not (_hub_offline() or not _hub_reachable()):
+        return s, False
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=s, local_files_only=True), True
+    except Exception:  # noqa: BLE001 - any failure here means "not in the cache"
+        raise ModelNotFoundError(
+            f"{what} {s!r} not found: no such local directory, the hub is offline or unreachable, "
+            "and it is not in the local Hugging Face cache"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def load_model(
+    name_or_path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """Load a causal LM from a local directory or hub id onto `device` in `dtype` (default: pick_device()).
+
+    Raises ModelNotFoundError with a one-line message when it is neither a local model nor reachable.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source, cached = _resolve_source(name_or_path, "model")
+    default_device, default_dtype = pick_device()
+    device = torch.device(device) if device is not None else default_device
+    dtype = dtype or default_dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        where = " (from the local Hugging Face cache, hub offline)" if cached else ""
+        raise ModelNotFoundError(f"cannot load model {str(name_or_path)!r}{where}: {_one_line(exc)}") from None
+    return model.to(device)
+
+
+def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a local directory or hub id; sets pad = eos when it has no pad token
+    (DPO batches need padding). Raises ModelNotFoundError like load_model."""
+    from transformers import AutoTokenizer
+
+    source, cached = _resolve_source(name_or_path, "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        where = " (from the local Hugging Face cache, hub offline)" if cached else ""
+        raise ModelNotFoundError(f"cannot load tokenizer {str(name_or_path)!r}{where}: {_one_line(exc)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
