@@ -108,6 +108,15 @@ def _sft_threads(config: TinyModelConfig) -> int:
     return 1 if config.hidden_size <= 256 else _available_cpus()
 
 
+def cpu_threads_for(model: PreTrainedModel) -> int:
+    """Intra-op threads worth using for this model on the CPU: 1 for tiny widths (see _sft_threads)."""
+    env = os.environ.get("WINNOW_SFT_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    width = getattr(model.config.get_text_config(), "hidden_size", 1024)
+    return 1 if width <= 256 else _available_cpus()
+
+
 @contextlib.contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     """Use n intra-op threads inside the block and restore the caller's setting afterwards."""
@@ -117,6 +126,9 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+torch_threads = _torch_threads
 
 
 # --------------------------------------------------------------------------------------------------

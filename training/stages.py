@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import torch
 
 from curation.errors import WinnowError
 from training.config import TrainConfig, resolve_objective
@@ -171,7 +172,11 @@ def train_stage(
         objective=objective,
         callbacks=[recorder, *callbacks],
     )
-    output = trainer.train()
+    from training.models import cpu_threads_for, torch_threads
+
+    threads = cpu_threads_for(policy) if not torch.cuda.is_available() else torch.get_num_threads()
+    with torch_threads(threads):
+        output = trainer.train()
     model = trainer.model
     if config.lora:
         model = trainer.accelerator.unwrap_model(model).merge_and_unload()
