@@ -177,26 +177,29 @@ def train_stage(
     threads = cpu_threads_for(policy) if not torch.cuda.is_available() else torch.get_num_threads()
     with torch_threads(threads):
         output = trainer.train()
-    model = trainer.model
-    if config.lora:
-        model = trainer.accelerator.unwrap_model(model).merge_and_unload()
-    final = stage_dir / "model"
-    if trainer.accelerator.is_main_process:
-        tmp = stage_dir / "model.tmp"
+    accelerator = trainer.accelerator
+    final, tmp = stage_dir / "model", stage_dir / "model.tmp"
+    if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.accelerator.unwrap_model(model).save_pretrained(tmp)
+    accelerator.wait_for_everyone()
+    if config.lora:  # merge, so that the next stage's reference is this stage's model
+        merged = accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if accelerator.is_main_process:
+            merged.save_pretrained(tmp)
+    else:
+        trainer.save_model(str(tmp))  # collective under FSDP/DeepSpeed; writes on the main process
+    result = StageResult(stage, final, frame.height, objective.name, reference_source=reference_source,
+                         train_loss=output.training_loss, seconds=time.perf_counter() - started)
+    if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         shutil.rmtree(stage_dir / "trainer", ignore_errors=True)
-        result = StageResult(stage, final, frame.height, objective.name, reference_source=reference_source,
-                             train_loss=output.training_loss, seconds=time.perf_counter() - started)
         summary = {**result.__dict__, "model_dir": str(final), "objective_config": asdict(objective)}
         (stage_dir / "stage.json").write_text(json.dumps(summary, indent=1, default=str))
         (stage_dir / COMPLETE).write_text("ok\n")
-    trainer.accelerator.wait_for_everyone()
-    return StageResult(stage, final, frame.height, objective.name, reference_source=reference_source,
-                       train_loss=output.training_loss, seconds=time.perf_counter() - started)
+    accelerator.wait_for_everyone()
+    return result
 
 
 def train_stages(
