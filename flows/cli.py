@@ -270,13 +270,19 @@ def serve(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    message, code = None, 0
     try:
         app()
     except WinnowError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise SystemExit(2) from None
+        message, code = str(exc), 2
     except KeyboardInterrupt:
-        raise SystemExit(130) from None
+        code = 130
+    # Exit outside the except block: the failed frames (and the DuckDB handles they hold)
+    # are released before interpreter shutdown.
+    if message is not None:
+        err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
