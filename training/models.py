@@ -35,8 +35,16 @@ EOS_TOKEN = "<|eos|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
 SFT_HISTORY_FILE = "sft_history.json"
+# A minimal chat template so conversational (TRL message-list) data trains with the default model.
+# The prompt rendered with the generation prompt is a prefix of prompt + answer, and every
+# assistant turn ends with eos, which is how TRL splits and terminates conversational completions.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' ~ m['role'] ~ '|>' ~ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
 # Bump when the build recipe changes so that older cached models are not reused by mistake.
-_BUILD_VERSION = 1
+_BUILD_VERSION = 2
 # 256 byte symbols + the special tokens: the smallest vocabulary a byte-level BPE can have.
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
@@ -165,6 +173,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_max_length: int
         pad_token=PAD_TOKEN,
         model_max_length=model_max_length,
         padding_side="right",
+        chat_template=CHAT_TEMPLATE,
     )
 
 
