@@ -7,6 +7,7 @@ chosen task runner; everything else runs in order, each step cached by its input
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,19 @@ FAIL_AFTER_ENV = "WINNOW_FAIL_AFTER"  # testing aid: raise after the named step,
 
 class InjectedFailure(RuntimeError):
     pass
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Prefect logs a failed run with its traceback; a WinnowError is the user's, one line says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], WinnowError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+    logging.getLogger(_name).addFilter(_NoTracebackForUserErrors())
 
 
 def make_task_runner(name: str, workers: int = 2):  # noqa: ANN201 - a Prefect TaskRunner

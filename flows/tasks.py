@@ -7,7 +7,9 @@ and `--refresh` recomputes. Retries happen only on transient errors.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,28 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from curation.errors import WinnowError
 from flows.caching import content_key, retry_on_transient
 from flows.config import PipelineConfig
+
+
+def _user_errors_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Re-raise a WinnowError bare: no traceback into the libraries, no frames kept alive.
+
+    Prefect keeps a failed task's exception in its state; the original traceback would pin
+    the library frames (and the DuckDB handles they held) until the process exits.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except WinnowError as exc:
+            kind, message = type(exc), str(exc)
+        raise kind(message)
+
+    return wrapper
+
 
 _COMMON: dict[str, Any] = {"persist_result": True, "retries": 2, "retry_delay_seconds": 2,
                            "retry_condition_fn": retry_on_transient}
@@ -46,6 +68,7 @@ def _ingest_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 
 
 @task(name="ingest", cache_key_fn=_ingest_key, **_COMMON)
+@_user_errors_in_one_line
 def ingest_task(config: PipelineConfig) -> dict[str, Any]:
     from curation.ingest import ingest
 
@@ -63,6 +86,7 @@ def _model_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 
 
 @task(name="build-model", cache_key_fn=_model_key, **_COMMON)
+@_user_errors_in_one_line
 def model_task(config: PipelineConfig, run_id: str) -> str:
     """The reference/start model: winnow-tiny is built (and cached) from this run's pairs."""
     from training.models import DEFAULT_MODEL, build_default_model
@@ -83,6 +107,7 @@ def _export_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 
 
 @task(name="export-pairs", cache_key_fn=_export_key, **_COMMON)
+@_user_errors_in_one_line
 def export_task(config: PipelineConfig, run_id: str) -> dict[str, str]:
     """One parquet file the scoring shards stream from, and the margin source they all use."""
     from curation.score.scoring import export_pairs, resolve_margin_source
@@ -114,6 +139,7 @@ def scoring_models(model_path: str, reference: bool = True):  # noqa: ANN201
 
 
 @task(name="score-shard", cache_key_fn=_score_key, **_COMMON)
+@_user_errors_in_one_line
 def score_shard_task(config: PipelineConfig, pairs_path: str, margin_source: str, model_path: str,
                      shard: tuple[int, int]) -> list[str]:
     from curation.score.scoring import score_shard
@@ -130,6 +156,7 @@ def _load_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 
 
 @task(name="load-scores", cache_key_fn=_load_key, **_COMMON)
+@_user_errors_in_one_line
 def load_scores_task(config: PipelineConfig, run_id: str, parts: list[str]) -> int:
     from curation.score.scoring import load_scores
 
@@ -149,6 +176,7 @@ def _curate_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 
 
 @task(name="curate", cache_key_fn=_curate_key, **_COMMON)
+@_user_errors_in_one_line
 def curate_task(config: PipelineConfig, run_id: str, parts: list[str]) -> dict[str, Any]:
     from curation.decide import curate
 
@@ -175,6 +203,7 @@ def _train_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 
 
 @task(name="train-stages", cache_key_fn=_train_key, **_COMMON)
+@_user_errors_in_one_line
 def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: str) -> dict[str, Any]:
     from flows.artifacts import TrainingProgress
     from training.stages import ShardManifest, train_stages
@@ -218,6 +247,7 @@ def _eval_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 
 
 @task(name="evaluate", cache_key_fn=_eval_key, **_COMMON)
+@_user_errors_in_one_line
 def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, reference_path: str) -> dict[str, float]:
     from training.run_evaluation import evaluate_run
 
