@@ -268,6 +268,45 @@ def serve(
     serve_deployments(str(recipe) if recipe else None, cron)
 
 
+@app.command()
+def gym(
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (one data set and reference each).")] = "0,1,2",
+    arms: Annotated[str | None, typer.Option(help="Comma-separated arms; default: all eight.")] = None,
+    size: Annotated[int | None, typer.Option(help="Pairs per generated preference set.")] = None,
+    label_noise: Annotated[float | None, typer.Option(help="Share of flipped pairs.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Budget: passes over the raw set, in optimizer steps.")] = None,
+    learning_rate: Annotated[float | None, typer.Option(help="Learning rate of every arm.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Worker processes (0: run in this process).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Cut-down gym: checks the plumbing, proves nothing.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh/--reuse", help="Start clean (default) or reuse cached models.")] = True,
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Folder for the gym's runs.")] = Path("runs/gym"),
+    out: Annotated[Path | None, typer.Option(help="Markdown report; default benchmarks/GYM.md "
+                                                  "(<workdir>/GYM.md with --quick).")] = None,
+) -> None:
+    """Preference gym: every method side by side on a task with a known gold reward; writes the report."""
+    import shlex
+
+    from training.gym import GymConfig, evaluate_claims, markdown_table, run_gym, with_overrides, write_report
+
+    seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
+    arm_list = tuple(a.strip() for a in arms.split(",") if a.strip()) if arms else None
+    try:
+        base = GymConfig.quick() if quick else GymConfig()
+        config = with_overrides(base, seeds=seed_list, arms=arm_list, size=size, label_noise=label_noise,
+                                epochs=epochs, learning_rate=learning_rate, workers=workers)
+    except ValueError as exc:
+        raise WinnowError(str(exc)) from None
+    out = out or (workdir / "GYM.md" if quick else Path("benchmarks/GYM.md"))
+    result = run_gym(config, workdir, log=lambda line: console.print(line, highlight=False, markup=False), fresh=fresh)
+    command = shlex.join(["winnow", *sys.argv[1:]])
+    report = write_report(result, out, out.parent / out.stem.lower(), command)
+    console.print(markdown_table(result), highlight=False, markup=False)
+    for claim in evaluate_claims(result):
+        console.print(f"[bold]{claim.verdict}[/]: {claim.statement}\n  {claim.evidence}", highlight=False)
+    console.print(f"wall time {result.wall_seconds / 60:.1f} min; report {report}; per-seed numbers and catalogs "
+                  f"under {workdir}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     message, code = None, 0

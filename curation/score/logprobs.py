@@ -181,9 +181,18 @@ def _scored(rows: _Rows, idx: np.ndarray, offset: np.ndarray) -> tuple[np.ndarra
 
 
 def _padded_inputs(
-    rows: _Rows, idx: np.ndarray, pad_id: int, mask4d: bool, device: torch.device
+    rows: _Rows,
+    idx: np.ndarray,
+    pad_id: int,
+    mask4d: bool,
+    device: torch.device,
+    additive: torch.dtype | None = None,
 ) -> tuple[dict, np.ndarray]:
-    """One bucket as a right-padded batch: a 4D mask for shared-prompt rows, else a 2D one."""
+    """One bucket as a right-padded batch: a 4D mask for shared-prompt rows, else a 2D one.
+
+    ``additive``: the eager backend adds the mask to the scores, so it gets 0 / dtype-min
+    of that dtype instead of booleans.
+    """
     b = len(idx)
     t = int(rows.length[idx].max())
     ids = np.full((b, t), pad_id, dtype=np.int64)
@@ -203,6 +212,10 @@ def _padded_inputs(
         mask = causal[None] & key_ok[:, None, :] & ~(query_second[:, :, None] & key_first[:, None, :])
         mask |= torch.eye(t, dtype=torch.bool, device=device)[None]  # padding queries see themselves: no NaN
         attention_mask = mask[:, None]
+        if additive is not None:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=additive, device=device).masked_fill_(
+                ~attention_mask, torch.finfo(additive).min
+            )
     else:
         position_ids = ar.expand(b, t)
         attention_mask = (ar[None, :] < end[:, None]).long()
@@ -312,21 +325,33 @@ class _AttentionSwap:
             c._attn_implementation_internal = v
 
 
-def _shared_blockers(model) -> list[str]:
-    """Why the model cannot run rows whose attention differs from plain causal (empty: it can)."""
+# Model types whose attention is more than causal softmax(QK^T)V (attention sinks)
+_NON_PLAIN_ATTENTION = ("gpt_oss",)
+
+
+def _shared_blockers(model, longest: int) -> list[str]:
+    """Why the model cannot run rows whose attention differs from plain causal (empty: it can).
+
+    ``longest``: the longest sequence TRL would build; a sliding window at least that long
+    never slides, so it is plain causal attention.
+    """
     cfg = model.config.get_text_config()
     why = []
     attn = getattr(cfg, "_attn_implementation", None) or "eager"
     if attn not in _MASK4D_ATTENTION:
         why.append(f"attention backend {attn!r} (needs sdpa or eager)")
     layer_types = getattr(cfg, "layer_types", None) or []
-    sliding = getattr(cfg, "sliding_window", None)
-    if any("sliding" in str(t) for t in layer_types) or (
-        sliding is not None and getattr(cfg, "use_sliding_window", True)
-    ):
-        why.append("sliding-window attention")
+    window = getattr(cfg, "sliding_window", None)
+    if layer_types:
+        sliding = any("sliding" in str(t) for t in layer_types)
+    else:
+        sliding = window is not None and getattr(cfg, "use_sliding_window", True)
+    if sliding and (window is None or longest > window):
+        why.append("sliding-window attention shorter than the sequences")
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         why.append("attention logit soft-capping")
+    if getattr(cfg, "model_type", None) in _NON_PLAIN_ATTENTION:
+        why.append(f"{cfg.model_type} attention (sinks)")
     return why
 
 
@@ -357,9 +382,11 @@ def score_tokenized(
     ``share_prompt`` (default: on when possible) runs each pair as one row with the prompt
     once; it needs ``keep_start`` truncation (``keep_end`` cuts the prompt differently for
     each side) and plain causal sdpa/eager attention (no sliding window). ``layout``:
-    ``"packed"`` (CPU default) concatenates the rows of a bucket without padding and runs
-    attention per row; ``"padded"`` (CUDA default: one batched attention kernel per layer)
-    pads sorted rows and masks. ``batch_tokens``: tokens per forward (padding included).
+    ``"padded"`` (default) pads length-sorted rows (a few percent of padding) and masks, one
+    batched attention call per layer; ``"packed"`` concatenates a bucket's rows without any
+    padding and runs attention row by row, computing no masked-out scores: as fast single-
+    threaded on CPU, but its many small kernels suffer under multi-threaded contention and
+    would be launch-bound on a GPU. ``batch_tokens``: tokens per forward (padding included).
     ``device`` moves the model there. ``autocast`` (default: on CUDA for fp32 models) runs
     the model in bf16 autocast; the log-softmax is fp32 either way.
     """
@@ -367,14 +394,16 @@ def score_tokenized(
         model.to(device)
     dev = _model_device(model)
     batch_tokens = batch_tokens or default_batch_tokens(dev)
-    blockers = _shared_blockers(model)
+    sequence = tokenized.prompt_lengths + np.maximum(tokenized.chosen_lengths, tokenized.rejected_lengths)
+    longest = int(np.where(tokenized.keep, sequence, 0).max(initial=0))
+    blockers = _shared_blockers(model, longest)
     if share_prompt is None:
         share_prompt = tokenized.truncation_mode == "keep_start" and not blockers
     elif share_prompt and (tokenized.truncation_mode != "keep_start" or blockers):
         why = blockers + (["truncation_mode='keep_end'"] if tokenized.truncation_mode != "keep_start" else [])
         raise ValueError(f"share_prompt is not possible here: {', '.join(why)}")
     if layout is None:
-        layout = "packed" if dev.type != "cuda" and not blockers else "padded"
+        layout = "padded"
     if layout not in ("packed", "padded"):
         raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
     if layout == "packed" and blockers:
@@ -387,6 +416,9 @@ def score_tokenized(
     pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
     if packed:
         _register_packed_attention()
+    additive = None
+    if share_prompt and not packed and model.config.get_text_config()._attn_implementation == "eager":
+        additive = torch.bfloat16 if autocast else next(model.parameters()).dtype
 
     n = len(tokenized)
     sums = torch.zeros(2 * n, dtype=torch.float64)
@@ -408,7 +440,7 @@ def score_tokenized(
                 if packed:
                     inputs, offset = _packed_inputs(rows, idx, dev)
                 else:
-                    inputs, offset = _padded_inputs(rows, idx, pad_token_id, share_prompt, dev)
+                    inputs, offset = _padded_inputs(rows, idx, pad_token_id, share_prompt, dev, additive)
                 pred, tgt, slot = _scored(rows, idx, offset)
                 ids = inputs["input_ids"]
                 targets = ids.view(-1)[torch.from_numpy(tgt)].to(dev)

@@ -1,0 +1,232 @@
+"""The preference gym, cut down: plumbing and arithmetic, not the quality claims.
+
+One quick gym (1 seed, all 8 arms, a 1-layer model, ~160 pairs, in this process) checks that
+every arm trains under the same step budget, is evaluated on the same held-out set, lands in
+the catalog and the report, and that the reported numbers are exactly what the samples and
+the truth columns say. The claims themselves live in benchmarks/GYM.md (`winnow gym`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from curation.store import Catalog
+from training import gym
+from training.sorting import gold_reward, make_prompt
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+@pytest.mark.parametrize("pairs", [1, 31, 32, 33, 159, 948, 1897, 2371])
+@pytest.mark.parametrize("steps", [1, 7, 37, 38, 75, 150])
+def test_epochs_for_steps_gives_the_trainer_exactly_that_many_steps(pairs: int, steps: int) -> None:
+    epochs = gym.epochs_for_steps(steps, pairs, 32)
+    assert math.ceil(epochs * gym.batches(pairs, 32)) == steps  # transformers: ceil(epochs * batches/epoch)
+
+
+def test_budget_and_step_split() -> None:
+    config = gym.GymConfig(batch_size=32, epochs=1.0)
+    assert gym.budget_steps(2371, config) == 75
+    assert gym.budget_steps(2371, gym.GymConfig(batch_size=32, epochs=2.0)) == 150
+    assert gym.split_steps(75, [1186, 1185]) == [38, 37]
+    assert gym.split_steps(75, [1897]) == [75]
+    assert gym.split_steps(10, [1, 1000]) == [1, 9]  # every stage trains at least once
+    assert sum(gym.split_steps(101, [3, 5, 7])) == 101
+    with pytest.raises(ValueError):
+        gym.split_steps(1, [5, 5])
+
+
+def test_filter_quality_on_hand_made_truth() -> None:
+    dropped = np.array([True, True, True, False, False, False, True, False])
+    flipped = np.array([True, True, False, True, False, False, False, False])
+    q = gym.filter_quality(dropped, flipped)
+    assert q["dropped"] == 4 and q["flipped"] == 3 and q["flipped_dropped"] == 2
+    assert q["precision"] == pytest.approx(2 / 4)
+    assert q["recall"] == pytest.approx(2 / 3)
+    assert q["flipped_share_before"] == pytest.approx(3 / 8)
+    assert q["flipped_share_after"] == pytest.approx(1 / 4)
+    assert math.isnan(gym.filter_quality(np.zeros(3, bool), np.ones(3, bool))["precision"])
+
+
+def test_filler_detection_and_gold_reward_ignore_fillers() -> None:
+    prompt = make_prompt([12, 3, 7])
+    responses = [" 3 7 12", " Sure, here is the sorted list: 3 7 12", " 7 3 12", ""]
+    np.testing.assert_array_equal(gym.has_filler(responses), [False, True, False, False])
+    assert [gold_reward(prompt, r) for r in responses] == [1.0, 1.0, pytest.approx(1 / 3), 0.0]
+
+
+def test_summary_mean_and_sample_std() -> None:
+    frame = pl.DataFrame({"arm": ["a", "a", "a", "b", "b", "b"], "seed": [0, 1, 2] * 2,
+                          "gold_reward": [0.5, 0.7, 0.9, 0.2, 0.2, 0.2], "kl": [1.0, None, 3.0, 0.0, 0.0, 0.0]})
+    s = gym.summarise(frame, ["gold_reward", "kl"])
+    row = s.filter((pl.col("arm") == "a") & (pl.col("metric") == "gold_reward")).row(0, named=True)
+    assert row["mean"] == pytest.approx(0.7) and row["std"] == pytest.approx(0.2)  # ddof 1
+    assert (row["min"], row["max"], row["seeds"]) == (0.5, 0.9, 3)
+    kl = s.filter((pl.col("arm") == "a") & (pl.col("metric") == "kl")).row(0, named=True)
+    assert kl["mean"] == pytest.approx(2.0) and kl["seeds"] == 2  # a missing value is skipped, not zero
+
+
+def _fake_result(values: dict[str, dict[str, list[float]]], precision: list[float]) -> gym.GymResult:
+    """A GymResult from hand-made per-seed numbers, to test the claim rules alone."""
+    seeds = list(range(len(precision)))
+    rows = []
+    for arm, metrics in values.items():
+        for i in seeds:
+            rows.append({"arm": arm, "seed": i, **{m: v[i] for m, v in metrics.items()}})
+    per_seed = pl.DataFrame(rows)
+    config = gym.GymConfig(seeds=tuple(seeds), arms=("trl-dpo", "winnow-curated", "dpop", "ln-dpo"))
+    seed_data = [gym.SeedData(seed=i, dir=Path("."), run_id="r", model_path="m", raw_path=Path("."),
+                              kept_path=Path("."), shard_dir=Path("."), raw_pairs=100, kept_pairs=80, steps=4,
+                              advice={}, filter={"precision": p, "recall": 0.5, "precision_low_tail": 1.0,
+                                                 "flipped_share_kept": 0.05, "flipped_share_before": 0.2},
+                              quarantined=0, seconds={})
+                 for i, p in zip(seeds, precision, strict=True)]
+    metrics = sorted({m for v in values.values() for m in v})
+    return gym.GymResult(config, per_seed, gym.summarise(per_seed, metrics), seed_data, 1.0, {}, {})
+
+
+def test_claim_rules_on_hand_made_numbers() -> None:
+    common = {"chosen_drift_high_edit": [0.0] * 3, "len_tokens_sampled": [9.0] * 3, "filler_rate_sampled": [0.3] * 3,
+              "filler_rate": [0.1] * 3}
+    values = {
+        "reference": {"gold_reward": [0.9] * 3, "len_tokens": [5.0] * 3, "chosen_drift_low_edit": [0.0] * 3, **common},
+        "trl-dpo": {"gold_reward": [0.70, 0.72, 0.74], "len_tokens": [8.0, 8.5, 9.0],
+                    "chosen_drift_low_edit": [-3.0, -4.0, -3.5], **common},
+        "dpop": {"gold_reward": [0.85] * 3, "len_tokens": [5.0] * 3, "chosen_drift_low_edit": [0.1, -0.05, 0.1],
+                 **common},
+        "ln-dpo": {"gold_reward": [0.71, 0.72, 0.73], "len_tokens": [5.0, 5.2, 5.1],
+                   "chosen_drift_low_edit": [-1.0] * 3, **common},
+        "winnow-curated": {"gold_reward": [0.75, 0.72, 0.76], "len_tokens": [5.0] * 3,
+                           "chosen_drift_low_edit": [-0.2] * 3, **common},
+    }
+    claims = {c.name: c for c in gym.evaluate_claims(_fake_result(values, [0.82, 0.79, 0.85]))}
+    assert claims["dpop-low-edit"].verdict == "reproduced"  # means -3.5 < 0 <= +0.05
+    assert claims["ln-dpo-length"].verdict == "reproduced"  # 5.1 vs 8.5, gold 0.72 vs 0.72
+    assert claims["filter-precision"].verdict == "reproduced"  # mean 0.82
+    # curated +0.023 over DPO: just above the spread (the larger std: curated 0.021, DPO 0.020)
+    assert claims["curated-beats-dpo"].verdict == "reproduced"
+    values["winnow-curated"]["gold_reward"] = [0.71, 0.75, 0.73]  # +0.01, spread 0.02
+    values["dpop"]["chosen_drift_low_edit"] = [-0.5, -0.4, -0.6]  # above DPO's, but still below 0
+    claims = {c.name: c for c in gym.evaluate_claims(_fake_result(values, [0.7, 0.75, 0.8]))}
+    assert claims["curated-beats-dpo"].verdict == "not reproduced"
+    assert claims["dpop-low-edit"].verdict == "partly reproduced"
+    assert claims["filter-precision"].verdict == "not reproduced"
+
+
+# --------------------------------------------------------------------------- the cut-down gym
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[gym.GymResult, Path]:
+    workdir = tmp_path_factory.mktemp("gym")
+    result = gym.run_gym(gym.GymConfig.quick(), workdir, log=lambda line: None)
+    return result, workdir
+
+
+def test_every_arm_runs_under_the_same_budget(quick) -> None:  # noqa: ANN001
+    result, _ = quick
+    per_seed = result.per_seed
+    assert per_seed["arm"].to_list() == ["reference", *gym.ARMS]
+    data = result.seeds[0]
+    assert data.steps == gym.budget_steps(data.raw_pairs, result.config)
+    steps = dict(per_seed.select("arm", "steps").iter_rows())
+    for arm in gym.ARMS:
+        if arm == "winnow-curated":  # train_stages: budget // stages per stage, never more than the budget
+            assert data.steps - (result.config.stages - 1) <= steps[arm] <= data.steps
+        else:
+            assert steps[arm] == data.steps, arm
+    pairs = dict(per_seed.select("arm", "pairs").iter_rows())
+    assert pairs["winnow-curated"] == pairs["offline-filter"] == data.kept_pairs < data.raw_pairs
+    assert all(pairs[a] == data.raw_pairs for a in ("trl-dpo", "dpop", "ln-dpo", "minor-dpo", "beta-dpo", "sdpo"))
+    for metric in gym.TABLE_METRICS:
+        assert per_seed[metric].null_count() == 0, metric
+    assert per_seed["gold_reward"].is_between(0, 1).all() and per_seed["win_rate"].is_between(0, 1).all()
+
+
+def test_reference_against_itself_is_the_known_zero(quick) -> None:  # noqa: ANN001
+    result, _ = quick
+    ref = result.per_seed.filter(pl.col("arm") == "reference").row(0, named=True)
+    assert ref["kl"] == 0.0 and ref["win_rate"] == 0.5
+    assert ref["chosen_drift"] == 0.0 and ref["implicit_acc"] == 0.0  # a zero margin is not a learned preference
+    assert ref["gold_reward"] == ref["gold_reward_ref"]
+
+
+def test_reported_metrics_equal_the_samples(quick) -> None:  # noqa: ANN001
+    result, _ = quick
+    data = result.seeds[0]
+    for arm in ("trl-dpo", "winnow-curated", "sdpo"):
+        row = result.per_seed.filter(pl.col("arm") == arm).row(0, named=True)
+        samples = pl.read_parquet(data.dir / "arms" / arm / "samples.parquet")
+        gold = np.array([gold_reward(p, r) for p, r in zip(samples["prompt"], samples["response"], strict=True)])
+        ref = np.array([gold_reward(p, r) for p, r in zip(samples["prompt"], samples["response_ref"], strict=True)])
+        assert row["gold_reward"] == pytest.approx(gold.mean())
+        assert row["win_rate"] == pytest.approx((np.sum(gold > ref) + 0.5 * np.sum(gold == ref)) / gold.size)
+        assert row["kl"] == pytest.approx(float((samples["kl_logp"] - samples["kl_logp_ref"]).mean()))
+        assert row["len_tokens_sampled"] == pytest.approx(float(samples["kl_tokens"].mean()))
+        assert row["filler_rate"] == pytest.approx(float(gym.has_filler(samples["response"].to_list()).mean()))
+
+
+def test_filter_quality_matches_decisions_and_truth(quick) -> None:  # noqa: ANN001
+    result, _ = quick
+    data = result.seeds[0]
+    decisions = Catalog(data.dir).query(
+        "SELECT p.prompt, p.chosen, p.rejected, d.reason FROM decisions d JOIN pairs p USING (run_id, pair_id) "
+        "WHERE d.run_id = ?", [data.run_id])
+    from training.sorting import generate_preferences
+
+    truth = generate_preferences(result.config.preference_config(data.seed))
+    joined = decisions.join(truth, on=["prompt", "chosen", "rejected"], how="left")
+    assert joined["is_flipped"].null_count() == 0
+    dropped = joined.filter(pl.col("reason").str.starts_with("beta_outlier"))
+    assert data.filter["dropped"] == dropped.height > 0
+    assert data.filter["precision"] == pytest.approx(dropped["is_flipped"].mean())
+    assert data.filter["recall"] == pytest.approx(dropped["is_flipped"].sum() / joined["is_flipped"].sum())
+
+
+def test_evals_rows_land_in_the_seed_catalog(quick) -> None:  # noqa: ANN001
+    result, _ = quick
+    data = result.seeds[0]
+    evals = Catalog(data.dir).query("SELECT model, metric, value FROM evals WHERE run_id = ?", [data.run_id])
+    assert set(evals["model"]) == {"reference", *gym.ARMS}
+    gold = evals.filter((pl.col("model") == "dpop") & (pl.col("metric") == "gold_reward"))["value"].item()
+    assert gold == pytest.approx(result.per_seed.filter(pl.col("arm") == "dpop")["gold_reward"].item())
+
+
+def test_report_table_plots_and_kept_notes(quick, tmp_path: Path) -> None:  # noqa: ANN001
+    result, _ = quick
+    out = tmp_path / "GYM.md"
+    gym.write_report(result, out, tmp_path / "gym", "winnow gym --quick")
+    text = out.read_text()
+    assert "winnow gym --quick" in text and "Wall time" in text
+    for arm in gym.ARMS:
+        assert f"| `{arm}` |" in text
+    assert text.count("| **") == 4  # four claims with a verdict
+    for png in ("metrics.png", "drift.png"):
+        assert (tmp_path / "gym" / png).stat().st_size > 10_000
+    out.write_text(text + "My reading of the numbers.\n")
+    gym.write_report(result, out, tmp_path / "gym", "winnow gym --quick")
+    assert out.read_text().endswith(gym.NOTES_MARKER + "\nMy reading of the numbers.\n")
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="unknown gym arm"):
+        gym.GymConfig(arms=("dpo-plus",))
+    with pytest.raises(ValueError, match="distinct"):
+        gym.GymConfig(seeds=(1, 1))
+    assert gym.with_overrides(gym.GymConfig(), size=None, label_noise=0.3).label_noise == 0.3
