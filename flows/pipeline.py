@@ -137,7 +137,7 @@ def _finish(steps: _Steps, summary: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-@flow(name="curate", log_prints=True)
+@flow(name="curate")
 def curate_flow(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ingest, score, filter, stage and shard; publishes the decision table and report."""
     steps = _Steps(PipelineConfig.load(recipe, overrides))
@@ -146,7 +146,7 @@ def curate_flow(recipe: str | None = None, overrides: dict[str, Any] | None = No
     return _finish(steps, summary)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train")
 def train_flow(shards: str, recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train every stage of a curated shard folder (a run folder or its shards/ folder)."""
     config = PipelineConfig.load(recipe, overrides)
@@ -164,7 +164,7 @@ def train_flow(shards: str, recipe: str | None = None, overrides: dict[str, Any]
     return _finish(steps, summary)
 
 
-@flow(name="curate-and-train", log_prints=True)
+@flow(name="curate-and-train")
 def curate_and_train_flow(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole pipeline on the configured sources (the bundled demo by default)."""
     steps = _Steps(PipelineConfig.load(recipe, overrides))
