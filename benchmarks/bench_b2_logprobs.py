@@ -81,7 +81,8 @@ def build_tokenizer(vocab: int, words: list[str], seed: int) -> PreTrainedTokeni
 def make_words(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    return list({"".join(rng.choices(letters, k=rng.randint(2, 7))) for _ in range(n)})
+    # sorted: set order depends on the per-process string hash seed
+    return sorted({"".join(rng.choices(letters, k=rng.randint(2, 7))) for _ in range(n)})
 
 
 def make_pairs(
