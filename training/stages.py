@@ -4,12 +4,13 @@ Stage k starts from, and is referenced against, the model of stage k-1 (stage 1:
 model). Each stage gets a fresh learning-rate schedule, its reference log-probs are computed
 by the fast scorer with that stage's reference (stage 1 reuses curation's when they match),
 and it ends with a checkpoint plus a COMPLETE marker, so a killed run resumes after the last
-completed stage. With LoRA the adapter is merged before the next stage, or the "adapter off"
+completed stage (only when that stage's inputs and settings, fingerprinted, are unchanged). With LoRA the adapter is merged before the next stage, or the "adapter off"
 reference would silently stay the stage-0 model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -138,6 +139,7 @@ def train_stage(
     metrics_sink: Callable[[int, list[dict[str, Any]]], None] | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    fingerprint: str = "",
 ) -> StageResult:
     """One DPO stage from `start_model` (also the reference) on `frame`; saves stage_dir/model."""
     import time
@@ -195,7 +197,8 @@ def train_stage(
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         shutil.rmtree(stage_dir / "trainer", ignore_errors=True)
-        summary = {**result.__dict__, "model_dir": str(final), "objective_config": asdict(objective)}
+        summary = {**result.__dict__, "model_dir": str(final), "objective_config": asdict(objective),
+                   "fingerprint": fingerprint}
         (stage_dir / "stage.json").write_text(json.dumps(summary, indent=1, default=str))
         (stage_dir / COMPLETE).write_text("ok\n")
     accelerator.wait_for_everyone()
@@ -219,23 +222,46 @@ def train_stages(
     output_dir = Path(output_dir)
     current: str | Path = base_model
     results: list[StageResult] = []
+    fingerprint = ""
     for entry in stages:
         stage = int(entry["stage"])
         stage_dir = output_dir / f"stage-{stage}"
-        if (stage_dir / COMPLETE).is_file():
-            summary = json.loads((stage_dir / "stage.json").read_text())
-            results.append(StageResult(stage, stage_dir / "model", int(summary["pairs"]), summary["objective"],
-                                       resumed=True, reference_source=summary.get("reference_source", "")))
+        fingerprint = _stage_fingerprint(fingerprint, config, base_model, manifest, entry)
+        resumed = _completed_stage(stage_dir, fingerprint)
+        if resumed is not None:
+            results.append(resumed)
             current = stage_dir / "model"
             continue
+        shutil.rmtree(stage_dir, ignore_errors=True)  # a partial or differently configured stage
         frame = load_stage_frame(manifest.shard_path(entry))
         reference_source = _reference_plan(frame, stage, current, base_model, manifest, config)
         results.append(
             train_stage(stage, frame, current, stage_dir, config, manifest.advice, reference_source=reference_source,
-                        metrics_sink=metrics_sink, callbacks=callbacks, progress=progress)
+                        metrics_sink=metrics_sink, callbacks=callbacks, progress=progress, fingerprint=fingerprint)
         )
         current = stage_dir / "model"
     return results
+
+
+def _stage_fingerprint(previous: str, config: TrainConfig, base_model: str | Path, manifest: ShardManifest,
+                       entry: dict[str, Any]) -> str:
+    """What a stage's result depends on, chained, so a change upstream retrains everything after it."""
+    settings = {k: v for k, v in config.to_dict().items() if k != "max_stages"}
+    payload = json.dumps([previous, settings, str(base_model), manifest.advice, entry.get("sha256"),
+                          str(manifest.shard_path(entry))], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _completed_stage(stage_dir: Path, fingerprint: str) -> StageResult | None:
+    """The stage's result when it completed with the same inputs and settings, else None."""
+    if not (stage_dir / COMPLETE).is_file() or not (stage_dir / "stage.json").is_file():
+        return None
+    summary = json.loads((stage_dir / "stage.json").read_text())
+    if summary.get("fingerprint") != fingerprint:
+        return None
+    return StageResult(int(summary["stage"]), stage_dir / "model", int(summary["pairs"]), summary["objective"],
+                       resumed=True, reference_source=summary.get("reference_source", ""),
+                       train_loss=summary.get("train_loss"))
 
 
 def _reference_plan(frame: pl.DataFrame, stage: int, current: str | Path, base_model: str | Path,
