@@ -328,3 +328,20 @@ def test_order_invariance_and_repeatability(tokenizer, model):
 def test_empty_input(tokenizer, model):
     frame = reference_logprobs(model, tokenizer, [], [], [], progress=False)
     assert frame.height == 0 and frame.columns == list(COLUMNS)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_empty_second_side_and_empty_rows(tokenizer, model, layout):
+    """Callers score single responses by leaving the rejected side empty; that must cost nothing extra."""
+    tp = tokenize_pairs(tokenizer, *_columns())
+    single = TokenizedPairs(tp.prompt_ids, tp.chosen_ids, [[] for _ in tp.prompt_ids])
+    frame = score_tokenized(model, single, progress=False, layout=layout)
+    full = score_tokenized(model, tp, progress=False, layout=layout)
+    np.testing.assert_allclose(
+        frame["ref_chosen_logps"].to_numpy(), full["ref_chosen_logps"].to_numpy(), atol=1e-5
+    )
+    assert (frame["ref_rejected_logps"].to_numpy() == 0).all() and (
+        frame["rejected_tokens"].to_numpy() == 0
+    ).all()
+    empty = score_tokenized(model, TokenizedPairs([[]], [[]], [[]]), progress=False, layout=layout)
+    assert empty["ref_chosen_logps"].to_list() == [0.0] and empty["chosen_tokens"].to_list() == [0]

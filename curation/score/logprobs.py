@@ -460,6 +460,8 @@ def score_tokenized(
             _AttentionSwap(model, _PACKED_ATTENTION if packed else None),
         ):
             for idx in rows.buckets(batch_tokens, packed):
+                if rows.length[idx].max() == 0:  # nothing to run (empty prompt and completions)
+                    continue
                 if packed:
                     inputs, offset = _packed_inputs(rows, idx, dev)
                 else:
