@@ -18,13 +18,11 @@ import os
 import random
 import re
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -405,19 +403,8 @@ def resolve_model(spec: str, prompts: Sequence[str], responses: Sequence[str], w
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Quick TCP probe of the hub endpoint, so an unreachable hub fails in seconds, not after retries."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+from curation.hub import hub_offline as _hub_offline  # noqa: E402 - shared with dataset loading
+from curation.hub import hub_reachable as _hub_reachable  # noqa: E402
 
 
 def _resolve_source(name_or_path: str | Path, what: str) -> tuple[str, bool]:

@@ -217,10 +217,14 @@ def read_parquet(source: Source, batch_size: int, max_bytes: int) -> Iterator[Ra
 
 
 def read_hub(source: Source, batch_size: int, max_bytes: int) -> Iterator[RawBatch]:
+    """Stream from the hub when it answers; else read the local `datasets` cache (memory-mapped)."""
+    from curation.hub import offline_unless_reachable
+
     try:
         import datasets
 
-        dataset = datasets.load_dataset(source.location, split=source.split, streaming=True)
+        with offline_unless_reachable() as offline:
+            dataset = datasets.load_dataset(source.location, split=source.split, streaming=not offline)
         iterator = iter(dataset)
         first = next(iterator, None)
     except Exception as exc:  # offline, unknown name, auth: all become one line
