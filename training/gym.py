@@ -109,6 +109,12 @@ _LETTER = re.compile(r"[A-Za-z]")
 # Configuration
 
 
+def _default_learning_rate() -> float:
+    from training.config import TrainConfig
+
+    return TrainConfig().learning_rate
+
+
 @dataclass(frozen=True)
 class GymConfig:
     """Everything one gym run depends on; ``to_dict`` is recorded next to the results."""
@@ -125,7 +131,7 @@ class GymConfig:
     # training: the budget is epochs passes over the raw set, in optimizer steps
     epochs: float = 1.0
     batch_size: int = 32
-    learning_rate: float = 5e-4
+    learning_rate: float = field(default_factory=lambda: _default_learning_rate())  # the product default
     max_length: int = 128
     stages: int = 2
     # evaluation (one held-out set for all seeds)
