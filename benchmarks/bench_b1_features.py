@@ -301,7 +301,9 @@ def main() -> None:
     parser.add_argument("--pairs", default="200k", help="pairs in the main comparison (10k, 100k, 200k, 1M, ...)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of (kernels, ours)")
     parser.add_argument("--growth", default="10k,100k,1M",
-                        help="sizes for the growth + peak-memory runs (one child each); '' to skip")
+                        help="sizes for the growth + peak-memory runs of ours (one child each); '' to skip")
+    parser.add_argument("--growth-kernels", default="10k,100k",
+                        help="sizes of --growth where the kernels run too (1M kernels alone take ~30 min here)")
     parser.add_argument("--workdir", default="/tmp/winnow_b1", help="generated data, tokenizer, scratch catalog")
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--batch-pairs", type=int, default=20_000, help="ScoreOptions.batch_pairs (both sides)")
@@ -323,6 +325,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     n = args.pairs
     growth = [parse_count(s) for s in args.growth.split(",") if s.strip()]
+    growth_kernels = {parse_count(s) for s in args.growth_kernels.split(",") if s.strip()}
     parquet, jsonl = data_for(n, workdir)
     tok = tokenizer_dir(workdir, args.vocab, parquet)
 
@@ -337,13 +340,21 @@ def main() -> None:
         p, j = data_for(m, workdir)
         sizes[m] = {}
         for kind in ("kernels", "ours") if len(sizes) % 2 else ("ours", "kernels"):
-            sizes[m][kind] = run_child(kind, m, p, j, tok, args)
+            if kind == "ours" or m in growth_kernels:
+                sizes[m][kind] = run_child(kind, m, p, j, tok, args)
 
     print(f"\n### B1: curation features, {label(n)} pairs ({args.rounds} alternating rounds)\n")
     print(f"Machine: {machine()}\n")
     print(f"Data: prompts 30-240 chars, chosen/rejected 500-2000 chars each (40% near-duplicates, 30% shared "
           f"prefix, 30% unrelated); byte-level BPE vocab {args.vocab} trained locally on 3000 pairs; "
           f"max_length {args.max_length}; batches of {args.batch_pairs} pairs.\n")
+    if args.rounds:
+        report_rounds(runs, n)
+    if sizes:
+        report_sizes(sizes)
+
+
+def report_rounds(runs: dict[str, list[dict]], n: int) -> None:
     print("| side | wall s (each round) | cpu s (each round) | pairs/s (median wall) | phases, s (last round) |")
     print("|---|---|---|---|---|")
     med = {}
@@ -365,14 +376,18 @@ def main() -> None:
           f"{', '.join(f'{x:.2f}' for x in per_round_cpu)}); target <= 1.30x: "
           f"{'met' if ratio <= 1.3 else 'MISSED'}")
 
+
+def report_sizes(sizes: dict[int, dict[str, dict]]) -> None:
     if sizes:
         print("\n| pairs | kernels pairs/s | ours pairs/s | ratio | ours ingest s | ours score_run s "
               "| peak RSS kernels MB | peak RSS ours MB | catalog MB |")
         print("|---|---|---|---|---|---|---|---|---|")
         for m, res in sizes.items():
-            k, o = res["kernels"], res["ours"]
-            print(f"| {label(m)} | {m / k['wall']:,.0f} | {m / o['wall']:,.0f} | {o['wall'] / k['wall']:.2f}x "
-                  f"| {o['ingest']:.1f} | {o['score']:.1f} | {k['rss_mb']:,.0f} | {o['rss_mb']:,.0f} "
+            o, k = res["ours"], res.get("kernels")
+            kernel_cells = (f"{m / k['wall']:,.0f}", f"{o['wall'] / k['wall']:.2f}x", f"{k['rss_mb']:,.0f}") if k \
+                else ("not run", "-", "-")
+            print(f"| {label(m)} | {kernel_cells[0]} | {m / o['wall']:,.0f} | {kernel_cells[1]} "
+                  f"| {o['ingest']:.1f} | {o['score']:.1f} | {kernel_cells[2]} | {o['rss_mb']:,.0f} "
                   f"| {o['catalog_mb']:,.0f} |")
         if 100_000 in sizes and 1_000_000 in sizes:
             grow = sizes[1_000_000]["ours"]["rss_mb"] / sizes[100_000]["ours"]["rss_mb"]

@@ -28,7 +28,7 @@ from curation.progress import progress_bar
 from curation.schema import QUARANTINE_SCHEMA, Format, Reason
 from curation.store import Catalog, fetch_arrow
 
-__all__ = ["IngestOptions", "IngestResult", "ingest", "make_run_id", "resolve_sources"]
+__all__ = ["IngestOptions", "IngestResult", "bounded_memory", "ingest", "make_run_id", "resolve_sources"]
 
 
 @dataclass(frozen=True)
@@ -132,19 +132,24 @@ DEFAULT_MEMORY_LIMIT = "1GB"
 
 
 @contextmanager
-def bounded_memory(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+def bounded_memory(con: duckdb.DuckDBPyConnection, threads: int | None = None) -> Iterator[None]:
     """Cap DuckDB's memory for a bulk step (WINNOW_DUCKDB_MEMORY, default 1GB), then restore it.
 
-    The setting belongs to the database instance, which other connections of this process may
-    share, hence the restore.
+    `threads` caps DuckDB's threads as well: a sort of long texts needs a buffer per thread,
+    and two threads ran out of a 1GB limit where one sorted 1M pairs fine. Both settings
+    belong to the database instance, which other connections of this process may share,
+    hence the restore.
     """
-    limit = os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT).strip()
-    previous = con.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
-    con.execute(f"SET memory_limit = '{limit.replace(chr(39), '')}'")
+    limit = os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT).strip().replace("'", "")
+    previous = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()[0]
+    con.execute(f"SET memory_limit = '{limit}'")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
     try:
         yield
     finally:
-        con.execute(f"SET memory_limit = '{previous}'")
+        con.execute(f"SET memory_limit = '{previous[0]}'")
+        con.execute(f"SET threads = {int(previous[1])}")
 
 
 def _pair_keys(frame: pl.DataFrame) -> tuple[list[str], list[str]]:

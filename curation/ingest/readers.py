@@ -52,12 +52,16 @@ def _object_or_reject(batch: RawBatch, row: int, value: Any, raw: str) -> None:
         batch.reject(row, Reason.WRONG_TYPE, f"expected a JSON object, got {type(value).__name__}", raw)
 
 
+# What JSON itself counts as whitespace; str.strip() would also eat \x1c-\x1f and NEL.
+JSON_WHITESPACE = b" \t\r\n"
+
+
 def read_jsonl(source: Source, batch_size: int, max_bytes: int) -> Iterator[RawBatch]:
     batch = RawBatch()
     with open(source.location, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue  # blank lines carry no row
+            if not raw.strip(JSON_WHITESPACE):
+                continue  # blank lines carry no row; any other byte makes a row (maybe a malformed one)
             if len(raw) > max_bytes:
                 batch.reject(lineno, Reason.TOO_LARGE, f"line of {len(raw)} bytes exceeds max_bytes={max_bytes}", raw)
             else:

@@ -16,6 +16,7 @@ from typing import Any
 import polars as pl
 
 from curation.errors import WinnowError
+from curation.ingest import bounded_memory
 from curation.progress import progress_bar
 from curation.score.features import text_features, token_features
 from curation.score.margins import (
@@ -145,7 +146,7 @@ def export_pairs(catalog: Catalog, run_id: str) -> Path:
     out = Path(catalog.workdir) / run_id / "pairs.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    with catalog.connect() as con:
+    with catalog.connect() as con, bounded_memory(con, threads=1):  # the sort spills: memory flat in pairs
         con.execute(
             f"COPY (SELECT {PAIR_COLUMNS} FROM pairs WHERE run_id = ? ORDER BY source, source_row) "
             f"TO '{tmp}' (FORMAT parquet, ROW_GROUP_SIZE 20000)",
@@ -209,7 +210,7 @@ def load_scores(catalog: Catalog, run_id: str, parts: list[Path]) -> int:
     if not parts:
         raise WinnowError(f"run {run_id} has no pairs to score")
     files = [str(p) for p in parts]
-    with catalog.transaction() as con:
+    with catalog.transaction() as con, bounded_memory(con):
         con.execute("DELETE FROM scores WHERE run_id = ?", [run_id])
         columns = [r[0] for r in con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [files]).description]
         cols = ", ".join(f'"{c}"' for c in columns)
