@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import random
 import statistics
 import sys
@@ -41,13 +40,13 @@ import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from datasets.fingerprint import Hasher  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from benchmarks.common import describe_machine  # noqa: E402
 from curation.score.logprobs import score_tokenized  # noqa: E402
 from training.tokenization import tokenize_pairs  # noqa: E402
 
@@ -101,20 +100,8 @@ def make_pairs(
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (
-        f"{os.cpu_count()} cores ({torch.get_num_threads()} torch threads), CPU {cpu}, GPU {gpu}; "
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"trl {trl.__version__}, datasets {datasets.__version__}"
-    )
+    return describe_machine(("torch", "transformers", "trl", "datasets"), gpu, torch.get_num_threads())
 
 
 def sync(device: torch.device) -> None:

@@ -33,7 +33,6 @@ import copy
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -47,17 +46,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="winnow_b3_"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import accelerate  # noqa: E402
 import datasets  # noqa: E402
 import polars as pl  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
+from benchmarks.common import describe_machine  # noqa: E402
 from curation.score.logprobs import reference_logprobs  # noqa: E402
 from training.models import load_model, load_tokenizer, torch_threads, train_tokenizer  # noqa: E402
 from training.objectives import Objective  # noqa: E402
@@ -77,22 +75,8 @@ _PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10":
 
 
 def machine(device: torch.device, threads: int) -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    return (f"{os.cpu_count()} cores ({usable} usable, {threads} torch threads), CPU {cpu}, GPU {gpu}; "
-            f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"trl {trl.__version__}, accelerate {accelerate.__version__}, datasets {datasets.__version__}")
+    return describe_machine(("torch", "transformers", "trl", "accelerate", "datasets"), gpu, threads)
 
 
 def random_word_pairs(n: int, lo: int, hi: int, seed: int) -> pl.DataFrame:

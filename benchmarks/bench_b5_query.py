@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -32,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import duckdb  # noqa: E402
-import polars  # noqa: E402
 
+from benchmarks.common import describe_machine  # noqa: E402
 from curation.store import Catalog  # noqa: E402
 
 RUN_ID = "run-b5bench0001"
@@ -154,17 +153,7 @@ def time_cli(workdir: Path, sql: str) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cores} cores, CPU {cpu}, no GPU used; python {platform.python_version()}, duckdb {duckdb.__version__}, "
-            f"polars {polars.__version__}")
+    return describe_machine(("duckdb", "polars"))
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ and the threshold, so "why was pair X dropped" is one query (:data:`WHY_SQL`).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from curation.advice import Advice, AdviceConfig, advise
 from curation.beta_filter import BetaFilterConfig, BetaFilterResult, beta_filter
 from curation.errors import WinnowError
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules
+from curation.jsonable import json_safe
 from curation.shard import MANIFEST_FORMAT, ShardSet, write_manifest, write_shards
 from curation.stage import StageConfig, assign_stages, placement_details, stage_summary
 from curation.store import Catalog
@@ -86,21 +86,6 @@ class CurateResult:
 
 def run_dir(workdir: Path | str, run_id: str) -> Path:
     return Path(workdir) / run_id
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/inf are not JSON: None instead, recursively; numpy scalars to Python."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _load(catalog: Catalog, run_id: str) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -205,7 +190,7 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
     shard_dir = out / "shards"
     shards = write_shards(catalog, run_id, assigned, shard_dir, compression=config.compression)
     resolved_dict = {"rules": [r.to_dict() for r in resolved], "beta": beta.stats()}
-    curate_record = _json_safe({"settings": config.to_dict(), "resolved": resolved_dict, "scoring": scoring})
+    curate_record = json_safe({"settings": config.to_dict(), "resolved": resolved_dict, "scoring": scoring})
     with catalog.transaction() as con:
         catalog.replace_run_rows(con, "decisions", run_id, decisions.with_columns(run_id=pl.lit(run_id)))
         catalog.replace_run_rows(con, "stages", run_id, summary.with_columns(run_id=pl.lit(run_id)))
@@ -216,8 +201,8 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
             schema_overrides={"stage": pl.Int32, "rows": pl.Int64, "bytes": pl.Int64}))
         catalog.replace_run_rows(con, "advice", run_id, pl.DataFrame({
             "run_id": [run_id], "objective": [advice.objective],
-            "params": [json.dumps(_json_safe(advice.params), sort_keys=True)],
-            "evidence": [json.dumps(_json_safe(advice.evidence), sort_keys=True)],
+            "params": [json.dumps(json_safe(advice.params), sort_keys=True)],
+            "evidence": [json.dumps(json_safe(advice.evidence), sort_keys=True)],
             "rationale": [advice.rationale]}))
         catalog.upsert_run(run_id, con, stage="curate", status="curated", config={"curate": curate_record},
                            accounting={"curate": {"pairs": frame.height, "kept": kept.height, "dropped": dropped,
@@ -244,7 +229,7 @@ def _manifest(run_id: str, pairs: int, kept: int, dropped: dict[str, int], summa
     stages = [{"stage": s.stage, "path": s.path.name, "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256,
                "margin_min": ranges[s.stage]["margin_min"], "margin_max": ranges[s.stage]["margin_max"],
                "margin_mean": ranges[s.stage]["margin_mean"]} for s in shards.shards]
-    return _json_safe({
+    return json_safe({
         "format": MANIFEST_FORMAT,
         "run_id": run_id,
         "counts": {"pairs": pairs, "kept": kept, "dropped": pairs - kept, "dropped_by_reason": dropped},

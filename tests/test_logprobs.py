@@ -199,6 +199,28 @@ def test_tokenize_pairs_boundary_merge_and_eos(tokenizer):
     assert tp.chosen_ids[8] == [eos]
 
 
+def test_direct_rust_encoding_gives_the_wrapper_ids(tokenizer):
+    """tokenize_pairs calls the Rust backend directly (no masks): the ids must be tokenizer(text)'s."""
+    from training.tokenization import _batch_ids, _rust_backend
+
+    texts = [t for pair in PAIRS for t in pair] + [f"a literal {EOS} inside", "<s> twice <s>", ""]
+    assert _rust_backend(tokenizer) is not None
+    assert _batch_ids(tokenizer, texts) == tokenizer(text=texts)["input_ids"]
+    tokenizer.split_special_tokens = True  # the wrapper encodes "</s>" as text then; so must we
+    try:
+        assert _batch_ids(tokenizer, texts) == tokenizer(text=texts)["input_ids"]
+        assert _batch_ids(tokenizer, [EOS])[0] != [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    finally:
+        tokenizer.split_special_tokens = False
+        tokenizer.backend_tokenizer.encode_special_tokens = False
+    tokenizer.backend_tokenizer.enable_truncation(max_length=4)  # left behind by some earlier call
+    try:
+        assert _rust_backend(tokenizer) is None  # falls back to the wrapper, which resets truncation
+        assert _batch_ids(tokenizer, texts) == [tokenizer(text=t)["input_ids"] for t in texts]
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()
+
+
 def test_tokenize_pairs_rejects_conversational_and_bad_input(tokenizer):
     with pytest.raises(TypeError, match="plain strings"):
         tokenize_pairs(tokenizer, [[{"role": "user", "content": "hi"}]], ["a"], ["b"])

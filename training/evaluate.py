@@ -34,6 +34,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from curation.jsonable import json_safe
 from curation.score.logprobs import reference_logprobs, score_tokenized
 from training.sorting import (
     PreferenceSetConfig,
@@ -418,7 +419,7 @@ class EvalResult:
         names = sorted(self.metrics)
         details = [
             json.dumps(
-                _json_safe({**self.settings, **self.details.get(name, {})}), sort_keys=True, allow_nan=False
+                json_safe({**self.settings, **self.details.get(name, {})}), sort_keys=True, allow_nan=False
             )
             for name in names
         ]
@@ -440,21 +441,6 @@ class EvalResult:
                 "details": pl.String,
             },
         )
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON-ready copy: numpy scalars become Python ones, NaN/inf become null (JSON has neither)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
 
 
 def _finite(value: float) -> bool:
