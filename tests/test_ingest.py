@@ -339,6 +339,50 @@ def test_accounting_invariant_property(tmp_path: Path, files: list[list[str]]) -
         assert rows == stored.get(source, 0) + quarantined.get(source, 0)
 
 
+def _arrow_peak_while_streaming(path: Path, stream) -> int:  # noqa: ANN001 - a generator function of a path
+    """Most bytes pyarrow holds at once while the stream is consumed."""
+    import pyarrow as pa
+
+    base, peak = pa.total_allocated_bytes(), 0
+    for _ in stream(path):
+        peak = max(peak, pa.total_allocated_bytes() - base)
+    return peak
+
+
+def _row_group_parquet(path: Path, row_groups: int, rows: int = 200) -> Path:
+    """Random texts (no dictionary can shrink them), one row group per write."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(row_groups)
+
+    def texts(chars: int) -> list[str]:
+        return [rng.randbytes(chars // 2).hex() for _ in range(rows)]
+
+    with pq.ParquetWriter(path, pa.schema([(c, pa.string()) for c in ("prompt", "chosen", "rejected")]),
+                          use_dictionary=False) as writer:
+        for _ in range(row_groups):
+            table = pa.table({"prompt": texts(200), "chosen": texts(1000), "rejected": texts(1000)})
+            writer.write_table(table, row_group_size=rows)
+    return path
+
+
+def test_parquet_streams_hold_one_row_group(tmp_path: Path) -> None:
+    """Reading Parquet holds what one batch needs, not every row group read so far (pyarrow's pre-buffering did)."""
+    from curation.ingest.readers import read_parquet
+    from curation.score.scoring import _pair_batches
+
+    small, large = _row_group_parquet(tmp_path / "s.parquet", 4), _row_group_parquet(tmp_path / "l.parquet", 40)
+    for name, stream in {
+        "ingest reader": lambda p: read_parquet(Source("parquet", str(p)), batch_size=200, max_bytes=10_000),
+        "scoring batches": lambda p: _pair_batches(p, 200, None),
+    }.items():
+        peaks = _arrow_peak_while_streaming(small, stream), _arrow_peak_while_streaming(large, stream)
+        assert peaks[1] < 1.5 * peaks[0] + (1 << 20), (name, peaks)  # 10x the file: a few MB would be 10x
+
+
 def test_reader_memory_is_flat_in_file_size(tmp_path: Path) -> None:
     """The reader holds one batch: peak Python memory barely moves from 5k to 40k lines."""
 

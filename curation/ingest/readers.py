@@ -208,7 +208,7 @@ def read_parquet(source: Source, batch_size: int, max_bytes: int) -> Iterator[Ra
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(source.location)
+        parquet = pq.ParquetFile(source.location, pre_buffer=False)  # see STREAMING_NOTE in curation.score.scoring
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise WinnowError(f"{source.location}: not a readable Parquet file ({exc})") from None
     row = 0

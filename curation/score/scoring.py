@@ -166,10 +166,15 @@ def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
     return index * total // count, (index + 1) * total // count
 
 
+# STREAMING_NOTE: pyarrow's ParquetFile pre-buffers by default, and iter_batches then keeps
+# every row group it has read cached until the file is closed: scoring 1M pairs held 1.5 GB
+# of texts it had finished with. pre_buffer=False reads one row group at a time (flat memory).
+
+
 def _pair_batches(pairs_path: Path, batch_pairs: int, shard: tuple[int, int] | None):
     import pyarrow.parquet as pq
 
-    parquet = pq.ParquetFile(pairs_path)
+    parquet = pq.ParquetFile(pairs_path, pre_buffer=False)
     start, stop = shard_range(parquet.metadata.num_rows, shard)
     yield stop - start
     offset = 0
