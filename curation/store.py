@@ -7,6 +7,7 @@ crash leaves the previous state and a re-run never duplicates rows.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -265,6 +266,34 @@ class Catalog:
         if not self.path.exists():
             return False
         return bool(self.query("SELECT count(*) AS n FROM runs WHERE run_id = ?", [run_id], read_only=False)["n"][0])
+
+
+# DuckDB's default memory limit is 80% of RAM, and it keeps the staged run there when it
+# can: a 1M-pair ingest grew past 10 GB. With a limit it spills staging, sorts and joins to
+# `<catalog>.tmp` instead, so memory stays flat in the number of pairs.
+MEMORY_LIMIT_ENV = "WINNOW_DUCKDB_MEMORY"
+DEFAULT_MEMORY_LIMIT = "1GB"
+
+
+@contextmanager
+def bounded_memory(con: duckdb.DuckDBPyConnection, threads: int | None = None) -> Iterator[None]:
+    """Cap DuckDB's memory for a bulk step (WINNOW_DUCKDB_MEMORY, default 1GB), then restore it.
+
+    `threads` caps DuckDB's threads as well: a sort of long texts needs a buffer per thread,
+    and two threads ran out of a 1GB limit where one sorted 1M pairs fine. Both settings
+    belong to the database instance, which other connections of this process may share,
+    hence the restore.
+    """
+    limit = os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT).strip().replace("'", "")
+    previous = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()[0]
+    con.execute(f"SET memory_limit = '{limit}'")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = '{previous[0]}'")
+        con.execute(f"SET threads = {int(previous[1])}")
 
 
 def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:

@@ -9,25 +9,17 @@ the truth columns say. The claims themselves live in benchmarks/GYM.md (`winnow 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from curation.store import Catalog
 from training import gym
 from training.sorting import gold_reward, make_prompt
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- arithmetic

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from curation.hub import hub_offline, hub_reachable
+
 DEFAULT_MODEL = "winnow-tiny"
 BOS_TOKEN = "<|bos|>"
 EOS_TOKEN = "<|eos|>"
@@ -101,8 +103,8 @@ def _available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _sft_threads(config: TinyModelConfig) -> int:
-    """Intra-op threads for the warm-up: 1 for small widths, else all available CPUs.
+def _threads_for_width(hidden_size: int) -> int:
+    """Intra-op CPU threads for a model this wide: 1 for small widths, else all available CPUs.
 
     At hidden_size <= 256 the matmuls are too small for a second thread to pay off (measured: same
     time per step on 2 cores), and when other processes compete for the cores, OpenMP spin-waiting
@@ -111,20 +113,16 @@ def _sft_threads(config: TinyModelConfig) -> int:
     env = os.environ.get("WINNOW_SFT_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
-    return 1 if config.hidden_size <= 256 else _available_cpus()
+    return 1 if hidden_size <= 256 else _available_cpus()
 
 
 def cpu_threads_for(model: PreTrainedModel) -> int:
-    """Intra-op threads worth using for this model on the CPU: 1 for tiny widths (see _sft_threads)."""
-    env = os.environ.get("WINNOW_SFT_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    width = getattr(model.config.get_text_config(), "hidden_size", 1024)
-    return 1 if width <= 256 else _available_cpus()
+    """Intra-op threads worth using for this model on the CPU (SFT warm-up and DPO stages alike)."""
+    return _threads_for_width(getattr(model.config.get_text_config(), "hidden_size", 1024))
 
 
 @contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """Use n intra-op threads inside the block and restore the caller's setting afterwards."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -133,8 +131,6 @@ def _torch_threads(n: int) -> Iterator[None]:
     finally:
         torch.set_num_threads(old)
 
-
-torch_threads = _torch_threads
 
 
 # --------------------------------------------------------------------------------------------------
@@ -341,7 +337,7 @@ def build_default_model(
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     device, dtype = pick_device()
-    with _torch_threads(_sft_threads(config)):
+    with torch_threads(_threads_for_width(config.hidden_size)):
         tokenizer = train_tokenizer(
             [*prompts, *responses], config.vocab_size, model_max_length=config.max_position_embeddings
         )
@@ -403,10 +399,6 @@ def resolve_model(spec: str, prompts: Sequence[str], responses: Sequence[str], w
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
-from curation.hub import hub_offline as _hub_offline  # noqa: E402 - shared with dataset loading
-from curation.hub import hub_reachable as _hub_reachable  # noqa: E402
-
-
 def _resolve_source(name_or_path: str | Path, what: str) -> tuple[str, bool]:
     """Where to load `name_or_path` from: (local path or hub id, whether the hub is out of reach).
 
@@ -422,7 +414,7 @@ def _resolve_source(name_or_path: str | Path, what: str) -> tuple[str, bool]:
     looks_like_path = s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
     if looks_like_path or not _HUB_ID.match(s):
         raise ModelNotFoundError(f"{what} {s!r} not found: no such local directory")
-    if not _hub_offline() and _hub_reachable():
+    if not hub_offline() and hub_reachable():
         return s, False
     from huggingface_hub import snapshot_download
 

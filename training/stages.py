@@ -4,8 +4,9 @@ Stage k starts from, and is referenced against, the model of stage k-1 (stage 1:
 model). Each stage gets a fresh learning-rate schedule, its reference log-probs are computed
 by the fast scorer with that stage's reference (stage 1 reuses curation's when they match),
 and it ends with a checkpoint plus a COMPLETE marker, so a killed run resumes after the last
-completed stage (only when that stage's inputs and settings, fingerprinted, are unchanged). With LoRA the adapter is merged before the next stage, or the "adapter off"
-reference would silently stay the stage-0 model.
+completed stage (only when that stage's inputs and settings, fingerprinted, are unchanged).
+With LoRA the adapter is merged before the next stage, or the "adapter off" reference would
+silently stay the stage-0 model.
 """
 
 from __future__ import annotations

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import unicodedata
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from typing import Any
@@ -26,9 +23,9 @@ from curation.ingest.readers import RawBatch, read_source
 from curation.ingest.sources import Source, resolve_sources
 from curation.progress import progress_bar
 from curation.schema import QUARANTINE_SCHEMA, Format, Reason
-from curation.store import Catalog, fetch_arrow
+from curation.store import Catalog, bounded_memory, fetch_arrow
 
-__all__ = ["IngestOptions", "IngestResult", "bounded_memory", "ingest", "make_run_id", "resolve_sources"]
+__all__ = ["IngestOptions", "IngestResult", "ingest", "make_run_id", "resolve_sources"]
 
 
 @dataclass(frozen=True)
@@ -123,34 +120,6 @@ SELECT src_order, source_row, is_contradiction, first_seen FROM ranked WHERE is_
 UPDATE staged SET is_dropped = true FROM dropped d
 WHERE staged.src_order = d.src_order AND staged.source_row = d.source_row;
 """
-
-# DuckDB's default memory limit is 80% of RAM, and it keeps the staged run there when it
-# can: a 1M-pair ingest grew past 10 GB. With a limit it spills staging, sorts and joins to
-# `<catalog>.tmp` instead, so memory stays flat in the number of pairs.
-MEMORY_LIMIT_ENV = "WINNOW_DUCKDB_MEMORY"
-DEFAULT_MEMORY_LIMIT = "1GB"
-
-
-@contextmanager
-def bounded_memory(con: duckdb.DuckDBPyConnection, threads: int | None = None) -> Iterator[None]:
-    """Cap DuckDB's memory for a bulk step (WINNOW_DUCKDB_MEMORY, default 1GB), then restore it.
-
-    `threads` caps DuckDB's threads as well: a sort of long texts needs a buffer per thread,
-    and two threads ran out of a 1GB limit where one sorted 1M pairs fine. Both settings
-    belong to the database instance, which other connections of this process may share,
-    hence the restore.
-    """
-    limit = os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT).strip().replace("'", "")
-    previous = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()[0]
-    con.execute(f"SET memory_limit = '{limit}'")
-    if threads:
-        con.execute(f"SET threads = {int(threads)}")
-    try:
-        yield
-    finally:
-        con.execute(f"SET memory_limit = '{previous[0]}'")
-        con.execute(f"SET threads = {int(previous[1])}")
-
 
 def _pair_keys(frame: pl.DataFrame) -> tuple[list[str], list[str]]:
     """pair_id and the unordered key of each row, from the normalised texts.

@@ -18,6 +18,7 @@ from typing import Any
 
 from curation.errors import SourceUnavailableError, WinnowError
 from curation.ingest.sources import Source
+from curation.parquet_stream import open_parquet_stream
 from curation.schema import RAW_PREVIEW_CHARS, Reason
 
 _SURROGATE = re.compile("[\udc80-\udcff]")
@@ -205,10 +206,8 @@ def _csv_value(value: str) -> Any:
 
 
 def read_parquet(source: Source, batch_size: int, max_bytes: int) -> Iterator[RawBatch]:
-    import pyarrow.parquet as pq
-
     try:
-        parquet = pq.ParquetFile(source.location, pre_buffer=False)  # see STREAMING_NOTE in curation.score.scoring
+        parquet = open_parquet_stream(source.location)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise WinnowError(f"{source.location}: not a readable Parquet file ({exc})") from None
     row = 0
