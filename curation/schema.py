@@ -23,6 +23,24 @@ class Reason(StrEnum):
     CONTRADICTION = "contradiction"
 
 
+class DecisionReason(StrEnum):
+    """Why curation kept or dropped a scored pair (the `decisions.reason` column). Values are stable."""
+
+    KEPT = "kept"
+    TOO_LONG = "too_long"
+    TRUNCATED = "truncated"
+    LOW_EDIT_DISTANCE = "low_edit_distance"
+    LENGTH_RATIO = "length_ratio"
+    LOW_MARGIN = "low_margin"
+    NO_MARGIN = "no_margin"
+    BETA_OUTLIER_LOW = "beta_outlier_low"
+    BETA_OUTLIER_HIGH = "beta_outlier_high"
+
+    @property
+    def is_beta_outlier(self) -> bool:
+        return self in (DecisionReason.BETA_OUTLIER_LOW, DecisionReason.BETA_OUTLIER_HIGH)
+
+
 class Format(StrEnum):
     EXPLICIT = "explicit"
     CONVERSATIONAL = "conversational"

@@ -153,6 +153,16 @@ TABLES: dict[str, str] = {
 }
 
 
+def _table_columns(ddl: str) -> list[str]:
+    """Column names of a TABLES entry (constraints such as PRIMARY KEY skipped)."""
+    names = []
+    for part in ddl.replace("\n", " ").split(","):
+        word = part.strip().split(" ", 1)[0]
+        if word and word.upper() not in ("PRIMARY", "KEY", "UNIQUE") and not word.endswith(")"):
+            names.append(word)
+    return names
+
+
 def catalog_path(workdir: Path | str) -> Path:
     return Path(workdir) / CATALOG_NAME
 
@@ -208,17 +218,43 @@ class Catalog:
     # -- writes --------------------------------------------------------------------
     @staticmethod
     def replace_run_rows(con: duckdb.DuckDBPyConnection, table: str, run_id: str, frame: pl.DataFrame | pa.Table) -> int:
-        """Delete the run's rows in `table` and insert `frame` (columns by name)."""
+        """Deprecated spelling of :meth:`replace_slice` with ``run_id`` only (removed in the restructure)."""
+        return Catalog(Path("."), TABLES).replace_slice(con, table, frame, run_id=run_id)
+
+    def replace_slice(self, con: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame | pa.Table,
+                      **keys: Any) -> int:
+        """Replace the rows of `table` matching `keys` (``run_id=..., stage=...``) with `frame`.
+
+        The one writer of the catalog: every step deletes its own slice and inserts the new rows
+        inside the caller's transaction, so a re-run replaces instead of duplicating. Key values
+        are bound parameters and are also written into `frame` (a caller need not add them);
+        table and column names come from :data:`TABLES`, never from user input.
+        """
+        if table not in self._tables:
+            raise ValueError(f"unknown catalog table {table!r}")
+        if not keys:
+            raise ValueError("replace_slice needs at least one key (run_id=...)")
+        columns = _table_columns(self._tables[table])
+        unknown = [k for k in keys if k not in columns]
+        if unknown:
+            raise ValueError(f"{table} has no column(s) {unknown}")
+        where = " AND ".join(f'"{k}" = ?' for k in keys)
+        con.execute(f"DELETE FROM {table} WHERE {where}", list(keys.values()))
         arrow = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
-        con.execute(f"DELETE FROM {table} WHERE run_id = ?", [run_id])
         if arrow.num_rows == 0:
             return 0
-        con.register("_incoming", arrow)
-        try:
-            cols = ", ".join(f'"{c}"' for c in arrow.column_names)
-            con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming")
-        finally:
-            con.unregister("_incoming")
+        for key, value in keys.items():
+            if key in arrow.column_names:
+                arrow = arrow.drop_columns([key])
+            arrow = arrow.append_column(key, pa.array([value] * arrow.num_rows))
+        names = [c for c in arrow.column_names if c in columns]
+        extra = sorted(set(arrow.column_names) - set(columns))
+        if extra:
+            raise ValueError(f"{table} has no column(s) {extra}")
+        cols = ", ".join(f'"{c}"' for c in names)
+        # A relation, not `con.register`: a view registered inside an open transaction keeps its
+        # Arrow data alive until the transaction ends.
+        con.from_arrow(arrow.select(names)).query("_incoming", f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming")
         return arrow.num_rows
 
     def upsert_run(self, run_id: str, con: duckdb.DuckDBPyConnection | None = None, **fields: Any) -> None:
