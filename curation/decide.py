@@ -22,16 +22,14 @@ from curation.beta_filter import BetaFilterConfig, BetaFilterResult, beta_filter
 from curation.errors import WinnowError
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules
 from curation.jsonable import json_safe
-from curation.shard import MANIFEST_FORMAT, ShardSet, write_manifest, write_shards
+from curation.schema import DecisionReason
+from curation.manifest import ReferenceInfo, ShardManifest, StageShard
+from curation.shard import ShardSet, write_shards
 from curation.stage import StageConfig, assign_stages, placement_details, stage_summary
+from curation.reads import WHY_SQL, run_config, scored_pairs, why
 from curation.store import Catalog
 
-__all__ = ["CurateConfig", "CurateResult", "WHY_SQL", "curate", "run_dir", "why"]
-
-# "Why was pair X dropped?" -- one query; a pair_id prefix is enough.
-WHY_SQL = """SELECT pair_id, kept, reason, detail, weight, stage, stage_position
-FROM decisions WHERE run_id = ? AND pair_id LIKE ? || '%' ORDER BY pair_id"""
-
+__all__ = ["WHY_SQL", "CurateConfig", "CurateResult", "curate", "run_dir", "why"]
 
 @dataclass(frozen=True)
 class CurateConfig:
@@ -92,11 +90,7 @@ def _load(catalog: Catalog, run_id: str) -> tuple[pl.DataFrame, dict[str, Any]]:
     """Every pair of the run with its scores, sorted by pair_id (the stable order ties break by)."""
     if not catalog.run_exists(run_id):
         raise WinnowError(f"no run {run_id!r} in {catalog.path}; run `winnow ingest` first")
-    frame = catalog.query(
-        """SELECT p.pair_id, p.source, p.source_row, s.pair_id IS NOT NULL AS _scored,
-                  s.* EXCLUDE (run_id, pair_id)
-           FROM pairs p LEFT JOIN scores s ON s.run_id = p.run_id AND s.pair_id = p.pair_id
-           WHERE p.run_id = ? ORDER BY p.pair_id""", [run_id], read_only=False)
+    frame = scored_pairs(catalog, run_id)
     if frame.height == 0:
         raise WinnowError(f"run {run_id} has no pairs: nothing to curate")
     scored = int(frame["_scored"].sum())
@@ -105,8 +99,7 @@ def _load(catalog: Catalog, run_id: str) -> tuple[pl.DataFrame, dict[str, Any]]:
     if scored < frame.height:
         raise WinnowError(f"run {run_id} has {frame.height} pairs but only {scored} scores: re-run `winnow score "
                           f"{run_id}` so every pair is scored")
-    config = catalog.query("SELECT config FROM runs WHERE run_id = ?", [run_id], read_only=False)["config"][0]
-    score_config = (json.loads(config) if config else {}).get("score") or {}
+    score_config = (run_config(catalog, run_id) or {}).get("score") or {}
     first = frame.row(0, named=True)
     scoring = {
         **score_config,
@@ -114,6 +107,7 @@ def _load(catalog: Catalog, run_id: str) -> tuple[pl.DataFrame, dict[str, Any]]:
         "tokenizer": first["tokenizer"],
         "max_length": first["max_length"],
         "truncation_mode": score_config.get("truncation_mode", "keep_start"),
+        "reference_model": score_config.get("reference_model"),
     }
     return frame.drop("_scored"), scoring
 
@@ -133,7 +127,8 @@ def _beta_details(entered: pl.DataFrame, result: BetaFilterResult, config: BetaF
     dropped = pl.Series(~result.keep)
     return entered.select("pair_id").with_columns(
         weight=pl.Series(result.weight, dtype=pl.Float64),
-        _beta_reason=pl.when(dropped).then(pl.lit("beta_outlier_") + pl.Series(result.tail.astype(str))),
+        _beta_reason=pl.when(dropped).then(pl.Series(np.where(result.tail == "low", DecisionReason.BETA_OUTLIER_LOW.value,
+                                                              DecisionReason.BETA_OUTLIER_HIGH.value))),
         _beta_detail=pl.when(dropped).then(pl.format("margin {}: weight {}" + how + stats + ")",
                                                      pl.Series(margins), pl.Series(weights))),
     )
@@ -177,7 +172,8 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
         .select(
             "pair_id",
             kept=pl.col("stage").is_not_null(),
-            reason=pl.coalesce("reason", "_beta_reason", pl.when(pl.col("stage").is_not_null()).then(pl.lit("kept"))),
+            reason=pl.coalesce("reason", "_beta_reason",
+                               pl.when(pl.col("stage").is_not_null()).then(pl.lit(DecisionReason.KEPT.value))),
             detail=pl.coalesce("detail", "_beta_detail", "_stage_detail"),
             weight="weight",
             stage="stage",
@@ -192,25 +188,24 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
     resolved_dict = {"rules": [r.to_dict() for r in resolved], "beta": beta.stats()}
     curate_record = json_safe({"settings": config.to_dict(), "resolved": resolved_dict, "scoring": scoring})
     with catalog.transaction() as con:
-        catalog.replace_run_rows(con, "decisions", run_id, decisions.with_columns(run_id=pl.lit(run_id)))
-        catalog.replace_run_rows(con, "stages", run_id, summary.with_columns(run_id=pl.lit(run_id)))
-        catalog.replace_run_rows(con, "shards", run_id, pl.DataFrame(
-            {"run_id": run_id, "stage": [s.stage for s in shards.shards],
+        catalog.replace_slice(con, "decisions", decisions, run_id=run_id)
+        catalog.replace_slice(con, "stages", summary, run_id=run_id)
+        catalog.replace_slice(con, "shards", pl.DataFrame(
+            {"stage": [s.stage for s in shards.shards],
              "path": [str(s.path.resolve()) for s in shards.shards], "rows": [s.rows for s in shards.shards],
              "bytes": [s.bytes for s in shards.shards], "sha256": [s.sha256 for s in shards.shards]},
-            schema_overrides={"stage": pl.Int32, "rows": pl.Int64, "bytes": pl.Int64}))
-        catalog.replace_run_rows(con, "advice", run_id, pl.DataFrame({
-            "run_id": [run_id], "objective": [advice.objective],
+            schema_overrides={"stage": pl.Int32, "rows": pl.Int64, "bytes": pl.Int64}), run_id=run_id)
+        catalog.replace_slice(con, "advice", pl.DataFrame({
+            "objective": [advice.objective],
             "params": [json.dumps(json_safe(advice.params), sort_keys=True)],
             "evidence": [json.dumps(json_safe(advice.evidence), sort_keys=True)],
-            "rationale": [advice.rationale]}))
+            "rationale": [advice.rationale]}), run_id=run_id)
         catalog.upsert_run(run_id, con, stage="curate", status="curated", config={"curate": curate_record},
                            accounting={"curate": {"pairs": frame.height, "kept": kept.height, "dropped": dropped,
                                                   "stages": summary["pairs"].to_list()}},
                            timings={"curate": round(time.perf_counter() - start, 3)})
-    manifest_path = write_manifest(shard_dir / "manifest.json",
-                                   _manifest(run_id, frame.height, kept.height, dropped, summary, shards, scoring,
-                                             config, resolved_dict, advice))
+    manifest_path = _manifest(run_id, frame.height, kept.height, dropped, summary, shards, scoring, config,
+                              resolved_dict, advice).write(shard_dir)
     report_path = None
     if config.report:
         from curation.report import build_report
@@ -223,29 +218,20 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
 
 
 def _manifest(run_id: str, pairs: int, kept: int, dropped: dict[str, int], summary: pl.DataFrame, shards: ShardSet,
-              scoring: dict[str, Any], config: CurateConfig, resolved: dict[str, Any], advice: Advice) -> dict[str, Any]:
+              scoring: dict[str, Any], config: CurateConfig, resolved: dict[str, Any], advice: Advice) -> ShardManifest:
     """Everything training needs to trust a shard folder; paths are relative to the manifest."""
     ranges = {row["stage"]: row for row in summary.iter_rows(named=True)}
-    stages = [{"stage": s.stage, "path": s.path.name, "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256,
-               "margin_min": ranges[s.stage]["margin_min"], "margin_max": ranges[s.stage]["margin_max"],
-               "margin_mean": ranges[s.stage]["margin_mean"]} for s in shards.shards]
-    return json_safe({
-        "format": MANIFEST_FORMAT,
-        "run_id": run_id,
-        "counts": {"pairs": pairs, "kept": kept, "dropped": pairs - kept, "dropped_by_reason": dropped},
-        "stages": stages,
-        "order_by": config.stages.label(),
-        "columns": shards.columns,
-        "conversational": shards.conversational,
-        "ref_logps": {"included": shards.ref_logps, "note": shards.ref_logps_note},
-        # training must use this max_length (and tokenizer) to reuse the reference log-probs
-        "scoring": scoring,
-        "config": config.to_dict(),
-        "filters": resolved,
-        "advice": advice.to_dict(),
-    })
-
-
-def why(catalog: Catalog, run_id: str, pair_id: str) -> pl.DataFrame:
-    """The decision row(s) of a pair (a pair_id prefix is enough): reason, detail, weight, stage."""
-    return catalog.query(WHY_SQL, [run_id, pair_id], read_only=False)
+    stages = [StageShard(stage=s.stage, path=s.path.name, rows=s.rows, bytes=s.bytes, sha256=s.sha256,
+                         margin_min=ranges[s.stage]["margin_min"], margin_max=ranges[s.stage]["margin_max"],
+                         margin_mean=ranges[s.stage]["margin_mean"]) for s in shards.shards]
+    reference = ReferenceInfo(model=scoring.get("reference_model"), tokenizer=scoring.get("tokenizer"),
+                              max_length=scoring.get("max_length"),
+                              truncation_mode=scoring.get("truncation_mode", "keep_start"),
+                              margin_source=scoring.get("margin_source"))
+    return ShardManifest(
+        run_id=run_id, reference=reference, stages=stages, columns=shards.columns,
+        conversational=shards.conversational, ref_logps_included=shards.ref_logps, ref_logps_note=shards.ref_logps_note,
+        advice=json_safe(advice.to_dict()), order_by=config.stages.label(),
+        counts={"pairs": pairs, "kept": kept, "dropped": pairs - kept, "dropped_by_reason": dropped},
+        curation=json_safe({"config": config.to_dict(), "filters": resolved, "scoring": scoring}),
+    )

@@ -6,7 +6,7 @@ reason a user can read ("token_edit_distance 0 < 1 (value)"), not as an anonymou
 
 Every rule is evaluated on all scored pairs independently (a quantile threshold does not
 depend on which rules ran before it); a pair failing several rules gets the reason of the
-first in :data:`RULE_ORDER` and a detail naming every failure. All of it is polars/numpy.
+first in the rule list (:func:`rules_from_config`) and a detail naming every failure. All of it is polars/numpy.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import numpy as np
 import polars as pl
 
 from curation.errors import WinnowError
+from curation.schema import DecisionReason
 
 ThresholdKind = Literal["value", "quantile", "robust"]
 Bound = Literal["min", "max"]
 TruncationRule = Literal["off", "uneven", "any"]
 
-# Stable reason codes (users query them); the order is the precedence for the `reason` column.
-RULE_ORDER: tuple[str, ...] = ("too_long", "truncated", "low_edit_distance", "length_ratio", "low_margin", "no_margin")
 MAD_SCALE = 1.4826  # MAD * 1.4826 estimates the standard deviation of normal data
 
 
@@ -176,105 +175,166 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _threshold_rule(frame: pl.DataFrame, reason: str, rule: RuleFilterConfig) -> tuple[pl.Expr | None, pl.Expr | None,
-                                                                                        ResolvedRule]:
-    if rule.threshold is None:
-        return None, None, ResolvedRule(reason, rule.column, rule.bound, None, None, 0)
-    if rule.column not in frame.columns:
-        raise WinnowError(f"rule {reason}: no column {rule.column!r} in the scores; columns: {', '.join(frame.columns)}")
-    values = frame[rule.column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    cutoff = resolve_threshold(values, rule.bound, rule.threshold)
-    col = pl.col(rule.column)
-    fails = (col < cutoff) if rule.bound == "min" else (col > cutoff)
-    fails = fails.fill_null(False)
-    op = "<" if rule.bound == "min" else ">"
-    detail = pl.format(f"{rule.column} {{}} {op} {_fmt(cutoff)} ({rule.threshold.describe(rule.bound)})",
-                       col.cast(pl.Float64).round(4) if frame.schema[rule.column].is_float() else col)
-    resolved = ResolvedRule(reason, rule.column, rule.bound, {"kind": rule.threshold.kind, "value": rule.threshold.value},
-                            cutoff, 0)
-    return fails, detail, resolved
+@dataclass(frozen=True)
+class RuleContext:
+    """What the rules need besides the scores: the training length budget they protect."""
+
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
 
 
-def _too_long(frame: pl.DataFrame, rule: RuleFilterConfig, max_length: int | None) -> tuple[pl.Expr, pl.Expr,
-                                                                                            ResolvedRule]:
+@dataclass
+class RuleCheck:
+    """One rule evaluated on a frame: which pairs fail (None: the rule is off), why, and its cut-off."""
+
+    fails: pl.Expr | None
+    detail: pl.Expr | None
+    resolved: ResolvedRule
+
+
+class Rule:
+    """A filter step: a reason code and a vectorised check. A new rule is a subclass plus one
+    entry in :func:`rules_from_config` (and its :class:`DecisionReason`)."""
+
+    reason: DecisionReason
+
+    def check(self, frame: pl.DataFrame, context: RuleContext) -> RuleCheck:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ThresholdRule(Rule):
+    """Drop pairs whose column is below (`min`) or above (`max`) a resolved threshold."""
+
+    reason: DecisionReason
+    config: RuleFilterConfig
+
+    def check(self, frame: pl.DataFrame, context: RuleContext) -> RuleCheck:
+        rule, reason = self.config, self.reason.value
+        if rule.threshold is None:
+            return RuleCheck(None, None, ResolvedRule(reason, rule.column, rule.bound, None, None, 0))
+        if rule.column not in frame.columns:
+            raise WinnowError(f"rule {reason}: no column {rule.column!r} in the scores; columns: "
+                              f"{', '.join(frame.columns)}")
+        values = frame[rule.column].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        cutoff = resolve_threshold(values, rule.bound, rule.threshold)
+        col = pl.col(rule.column)
+        fails = ((col < cutoff) if rule.bound == "min" else (col > cutoff)).fill_null(False)
+        op = "<" if rule.bound == "min" else ">"
+        detail = pl.format(f"{rule.column} {{}} {op} {_fmt(cutoff)} ({rule.threshold.describe(rule.bound)})",
+                           col.cast(pl.Float64).round(4) if frame.schema[rule.column].is_float() else col)
+        resolved = ResolvedRule(reason, rule.column, rule.bound,
+                                {"kind": rule.threshold.kind, "value": rule.threshold.value}, cutoff, 0)
+        return RuleCheck(fails, detail, resolved)
+
+
+@dataclass(frozen=True)
+class TooLongRule(Rule):
     """fits_max_length False (the prompt alone fills max_length) plus the optional token cap."""
-    no_room = ~pl.col("fits_max_length").fill_null(True)
-    no_room_detail = pl.format(f"prompt of {{}} tokens fills max_length {max_length} (TRL drops the pair)",
-                               pl.col("prompt_tokens"))
-    cap, cap_detail, resolved = _threshold_rule(frame, "too_long", rule)
-    if cap is None:
-        fails, detail = no_room, pl.when(no_room).then(no_room_detail)
-    else:
-        fails = no_room | cap
-        detail = pl.when(no_room).then(no_room_detail).when(cap).then(cap_detail)
-    return fails, detail, resolved
+
+    config: RuleFilterConfig
+    reason: DecisionReason = DecisionReason.TOO_LONG
+
+    def check(self, frame: pl.DataFrame, context: RuleContext) -> RuleCheck:
+        no_room = ~pl.col("fits_max_length").fill_null(True)
+        no_room_detail = pl.format(f"prompt of {{}} tokens fills max_length {context.max_length} (TRL drops the pair)",
+                                   pl.col("prompt_tokens"))
+        cap = ThresholdRule(self.reason, self.config).check(frame, context)
+        if cap.fails is None:
+            return RuleCheck(no_room, pl.when(no_room).then(no_room_detail), cap.resolved)
+        detail = pl.when(no_room).then(no_room_detail).when(cap.fails).then(cap.detail)
+        return RuleCheck(no_room | cap.fails, detail, cap.resolved)
 
 
-def _truncated(mode: TruncationRule, max_length: int | None, truncation_mode: str) -> tuple[pl.Expr | None,
-                                                                                            pl.Expr | None]:
-    if mode == "off" or max_length is None:
-        return None, None
-    c_cut, r_cut = pl.col("chosen_truncated").fill_null(False), pl.col("rejected_truncated").fill_null(False)
-    sizes = pl.format("prompt {} + chosen {} / rejected {} tokens", pl.col("prompt_tokens"), pl.col("chosen_tokens"),
-                      pl.col("rejected_tokens"))
-    side = pl.when(c_cut).then(pl.lit("chosen cut, rejected whole")).otherwise(pl.lit("rejected cut, chosen whole"))
-    if mode == "any":
-        fails = c_cut | r_cut
-        detail = pl.format(f"truncated at max_length {max_length}: {{}}", sizes)
-        return fails, pl.when(fails).then(detail)
-    uneven = c_cut != r_cut
-    fails, detail = uneven, pl.when(uneven).then(pl.format(f"uneven truncation at max_length {max_length}: {{}} ({{}})",
-                                                           side, sizes))
-    if truncation_mode == "keep_start":
-        # both sides keep the same completion budget; if it ends before the first differing
-        # token, the truncated sides are identical and the pair teaches nothing
-        budget = pl.lit(max_length) - pl.col("prompt_tokens")
-        blind = c_cut & r_cut & (pl.col("first_diff_token") >= budget)
-        fails = fails | blind
-        detail = detail.when(blind).then(pl.format(
-            f"both sides cut at max_length {max_length} ({{}} completion tokens) before their first difference "
-            "at token {}", budget, pl.col("first_diff_token")))
-    return fails, detail
+@dataclass(frozen=True)
+class TruncatedRule(Rule):
+    """Pairs that truncation at max_length would teach wrong (see :class:`RulesConfig`)."""
+
+    mode: TruncationRule
+    reason: DecisionReason = DecisionReason.TRUNCATED
+
+    def check(self, frame: pl.DataFrame, context: RuleContext) -> RuleCheck:
+        resolved = ResolvedRule(self.reason.value, None, None, {"kind": "flag", "value": self.mode}, None, 0)
+        max_length = context.max_length
+        if self.mode == "off" or max_length is None:
+            return RuleCheck(None, None, resolved)
+        c_cut, r_cut = pl.col("chosen_truncated").fill_null(False), pl.col("rejected_truncated").fill_null(False)
+        sizes = pl.format("prompt {} + chosen {} / rejected {} tokens", pl.col("prompt_tokens"),
+                          pl.col("chosen_tokens"), pl.col("rejected_tokens"))
+        if self.mode == "any":
+            fails = c_cut | r_cut
+            return RuleCheck(fails, pl.when(fails).then(pl.format(f"truncated at max_length {max_length}: {{}}", sizes)),
+                             resolved)
+        side = pl.when(c_cut).then(pl.lit("chosen cut, rejected whole")).otherwise(pl.lit("rejected cut, chosen whole"))
+        uneven = c_cut != r_cut
+        fails = uneven
+        detail = pl.when(uneven).then(pl.format(f"uneven truncation at max_length {max_length}: {{}} ({{}})", side, sizes))
+        if context.truncation_mode == "keep_start":
+            # both sides keep the same completion budget; if it ends before the first differing
+            # token, the truncated sides are identical and the pair teaches nothing
+            budget = pl.lit(max_length) - pl.col("prompt_tokens")
+            blind = c_cut & r_cut & (pl.col("first_diff_token") >= budget)
+            fails = fails | blind
+            detail = detail.when(blind).then(pl.format(
+                f"both sides cut at max_length {max_length} ({{}} completion tokens) before their first difference "
+                "at token {}", budget, pl.col("first_diff_token")))
+        return RuleCheck(fails, detail, resolved)
 
 
-def apply_rules(frame: pl.DataFrame, config: RulesConfig, max_length: int | None = None,
+@dataclass(frozen=True)
+class NoMarginRule(Rule):
+    """A pair without a margin cannot be placed by the beta filter or the stages."""
+
+    reason: DecisionReason = DecisionReason.NO_MARGIN
+
+    def check(self, frame: pl.DataFrame, context: RuleContext) -> RuleCheck:
+        fails = pl.col("margin").is_null() | pl.col("margin").is_nan()
+        detail = pl.format("margin is null (margin source {})", pl.col("margin_source").fill_null("none"))
+        return RuleCheck(fails, detail, ResolvedRule(self.reason.value, "margin", None,
+                                                     {"kind": "flag", "value": "null"}, None, 0))
+
+
+def rules_from_config(config: RulesConfig) -> list[Rule]:
+    """The rule steps in precedence order: a pair failing several gets the first one's reason."""
+    return [
+        TooLongRule(config.too_long),
+        TruncatedRule(config.truncation),
+        ThresholdRule(DecisionReason.LOW_EDIT_DISTANCE, config.low_edit_distance),
+        ThresholdRule(DecisionReason.LENGTH_RATIO, config.length_ratio),
+        ThresholdRule(DecisionReason.LOW_MARGIN, config.low_margin),
+        NoMarginRule(),
+    ]
+
+
+RULE_ORDER: tuple[str, ...] = tuple(r.reason.value for r in rules_from_config(RulesConfig()))
+
+
+def apply_rules(frame: pl.DataFrame, config: RulesConfig | list[Rule], max_length: int | None = None,
                 truncation_mode: str = "keep_start") -> tuple[pl.DataFrame, list[ResolvedRule]]:
     """Evaluate every rule; returns (pair_id, reason, detail) with null reason for survivors, and the cut-offs.
 
     `frame` is the scored frame (scores columns plus pair_id); derived columns are added here.
+    `config` is the rules' settings, or a ready list of :class:`Rule` steps.
     """
+    rules = rules_from_config(config) if isinstance(config, RulesConfig) else list(config)
+    context = RuleContext(max_length, truncation_mode)
     frame = with_derived_columns(frame)
-    checks: list[tuple[str, pl.Expr, pl.Expr]] = []
-    resolved: list[ResolvedRule] = []
-
-    fails, detail, info = _too_long(frame, config.too_long, max_length)
-    checks.append(("too_long", fails, detail))
-    resolved.append(info)
-    fails, detail = _truncated(config.truncation, max_length, truncation_mode)
-    if fails is not None:
-        checks.append(("truncated", fails, detail))
-    resolved.append(ResolvedRule("truncated", None, None, {"kind": "flag", "value": config.truncation}, None, 0))
-    for reason in ("low_edit_distance", "length_ratio", "low_margin"):
-        fails, detail, info = _threshold_rule(frame, reason, getattr(config, reason))
-        if fails is not None:
-            checks.append((reason, fails, detail))
-        resolved.append(info)
-    no_margin = pl.col("margin").is_null() | pl.col("margin").is_nan()
-    checks.append(("no_margin", no_margin, pl.format("margin is null (margin source {})",
-                                                     pl.col("margin_source").fill_null("none"))))
-    resolved.append(ResolvedRule("no_margin", "margin", None, {"kind": "flag", "value": "null"}, None, 0))
+    results = [rule.check(frame, context) for rule in rules]
+    checks = [(c.resolved.reason, c.fails, c.detail) for c in results if c.fails is not None]
+    resolved = [c.resolved for c in results]
 
     flags = frame.select("pair_id", *(f.alias(f"_fail_{r}") for r, f, _ in checks),
                          *(pl.when(f).then(d).alias(f"_detail_{r}") for r, f, d in checks))
     reason = pl.lit(None, dtype=pl.String)
-    for r, _, _ in reversed(checks):  # first rule in RULE_ORDER wins
+    for r, _, _ in reversed(checks):  # the first rule of the list wins
         reason = pl.when(pl.col(f"_fail_{r}")).then(pl.lit(r)).otherwise(reason)
     out = flags.select(
         "pair_id",
         reason=reason,
         detail=pl.concat_str([pl.col(f"_detail_{r}") for r, _, _ in checks], separator="; ", ignore_nulls=True),
     ).with_columns(detail=pl.when(pl.col("reason").is_not_null()).then(pl.col("detail")))
-    counts = dict(flags.select(pl.col(f"_fail_{r}").sum().alias(r) for r, _, _ in checks).row(0, named=True))
+    counts = dict(flags.select(pl.col(f"_fail_{r}").sum().alias(r) for r, _, _ in checks).row(0, named=True)) \
+        if checks else {}
     dropped = dict(out.group_by("reason").len().drop_nulls().iter_rows())
     for info in resolved:
         info.failing = int(counts.get(info.reason, 0) or 0)

@@ -15,6 +15,8 @@ import numpy as np
 import polars as pl
 
 from curation.errors import WinnowError
+from curation.reads import report_tables
+from curation.schema import DecisionReason
 from curation.store import Catalog
 
 COLOURS = {"kept": "#2a9d8f", "dropped (rules)": "#8d99ae", "beta_outlier_low": "#e76f51", "beta_outlier_high": "#e9c46a"}
@@ -27,33 +29,18 @@ def report_dir(workdir: Path | str, run_id: str) -> Path:
 
 
 def _load(catalog: Catalog, run_id: str) -> dict[str, Any]:
-    runs = catalog.query("SELECT config FROM runs WHERE run_id = ?", [run_id], read_only=False)
-    if runs.height == 0:
-        raise WinnowError(f"no run {run_id!r} in {catalog.path}")
-    curate = (json.loads(runs["config"][0] or "{}")).get("curate")
-    if not curate:
+    data = report_tables(catalog, run_id)
+    if not data["curate"]:
         raise WinnowError(f"run {run_id} has no curation decisions yet: run `winnow curate {run_id}` first")
-    pairs = catalog.query(
-        """SELECT d.pair_id, d.kept, d.reason, d.weight, d.stage, s.margin, s.token_edit_distance, s.token_edit_norm,
-                  s.length_gap, s.chosen_tokens, s.rejected_tokens
-           FROM decisions d LEFT JOIN scores s USING (run_id, pair_id) WHERE d.run_id = ?""", [run_id], read_only=False)
-    pairs = pairs.with_columns(
-        group=pl.when(pl.col("kept")).then(pl.lit("kept"))
-        .when(pl.col("reason").str.starts_with("beta_outlier")).then(pl.col("reason"))
+    beta_reasons = [DecisionReason.BETA_OUTLIER_LOW.value, DecisionReason.BETA_OUTLIER_HIGH.value]
+    data["pairs"] = data["pairs"].with_columns(
+        group=pl.when(pl.col("kept")).then(pl.lit(DecisionReason.KEPT.value))
+        .when(pl.col("reason").is_in(beta_reasons)).then(pl.col("reason"))
         .otherwise(pl.lit("dropped (rules)")),
         length_ratio_max=pl.max_horizontal("chosen_tokens", "rejected_tokens")
         / pl.max_horizontal(pl.min_horizontal("chosen_tokens", "rejected_tokens"), 1),
     )
-    return {
-        "curate": curate,
-        "pairs": pairs,
-        "stages": catalog.query("SELECT * FROM stages WHERE run_id = ? ORDER BY stage", [run_id], read_only=False),
-        "shards": catalog.query("SELECT * FROM shards WHERE run_id = ? ORDER BY stage", [run_id], read_only=False),
-        "advice": catalog.query("SELECT * FROM advice WHERE run_id = ?", [run_id], read_only=False),
-        "by_reason": catalog.query(
-            """SELECT reason, stage, count(*) AS pairs FROM decisions WHERE run_id = ?
-               GROUP BY reason, stage ORDER BY (reason = 'kept') DESC, stage, pairs DESC, reason""", [run_id], read_only=False),
-    }
+    return data
 
 
 def _rule(curate: dict[str, Any], reason: str) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""Parquet shards per sDPO stage in TRL's column layout, and the manifest that describes them.
+"""Parquet shards per sDPO stage in TRL's column layout (curation/manifest.py describes them).
 
 Why this layout: TRL's DPOTrainer reads `prompt`/`chosen`/`rejected` (strings, or message
 lists for conversational data) and, with `precompute_ref_log_probs`, the columns
@@ -14,7 +14,6 @@ seed give byte-identical shards and an identical manifest.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,11 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation.store import Catalog, fetch_polars
+from curation.manifest import REF_LOGP_COLUMNS
+from curation.reads import kept_pair_rows
+from curation.store import Catalog
 
-REF_SHARD_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 MESSAGES = pl.List(pl.Struct({"role": pl.String, "content": pl.String}))
-MANIFEST_FORMAT = "winnow-shards/1"
 
 
 @dataclass
@@ -60,24 +59,6 @@ def shard_name(stage: int) -> str:
     return f"stage-{stage}.parquet"
 
 
-def _stage_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.DataFrame:
-    """Texts, messages and reference log-probs of the kept pairs, in teaching order."""
-    with catalog.connect() as con:
-        con.register("_order", order.select("pair_id", "stage", "stage_position").to_arrow())
-        try:
-            return fetch_polars(con, """
-                SELECT o.stage, o.stage_position, p.pair_id, p.prompt, p.chosen, p.rejected,
-                       p.prompt_messages::VARCHAR AS prompt_messages, p.chosen_messages::VARCHAR AS chosen_messages,
-                       p.rejected_messages::VARCHAR AS rejected_messages,
-                       s.ref_chosen_logps, s.ref_rejected_logps
-                FROM _order o
-                JOIN pairs p ON p.run_id = ? AND p.pair_id = o.pair_id
-                LEFT JOIN scores s ON s.run_id = p.run_id AND s.pair_id = p.pair_id
-                ORDER BY o.stage, o.stage_position""", [run_id])
-        finally:
-            con.unregister("_order")
-
-
 def _as_messages(json_col: str, text_col: str, role: str) -> pl.Expr:
     """Decoded message list; pairs of a mixed run that came as plain text become one message."""
     decoded = pl.col(json_col).str.json_decode(MESSAGES)
@@ -98,8 +79,8 @@ def shard_frame(rows: pl.DataFrame) -> tuple[pl.DataFrame, bool, bool, str]:
         )
         return frame, True, False, ("omitted: conversational pairs; the scores' log-probs were computed on rendered "
                                     "text, not on the chat template training applies")
-    has_ref = all(rows[c].null_count() == 0 for c in REF_SHARD_COLUMNS) and rows.height > 0
-    columns = ["stage", "prompt", "chosen", "rejected", *(REF_SHARD_COLUMNS if has_ref else ()), "pair_id"]
+    has_ref = all(rows[c].null_count() == 0 for c in REF_LOGP_COLUMNS) and rows.height > 0
+    columns = ["stage", "prompt", "chosen", "rejected", *(REF_LOGP_COLUMNS if has_ref else ()), "pair_id"]
     note = ("included: computed by the scorer with the manifest's tokenizer and max_length" if has_ref else
             "omitted: the run was scored without a reference model (or some kept pairs lack log-probs)")
     return rows.select(columns), False, has_ref, note
@@ -129,7 +110,7 @@ def write_shards(catalog: Catalog, run_id: str, order: pl.DataFrame, out_dir: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("stage-*.parquet"):
         stale.unlink()
-    frame, conversational, has_ref, note = shard_frame(_stage_rows(catalog, run_id, order))
+    frame, conversational, has_ref, note = shard_frame(kept_pair_rows(catalog, run_id, order))
     shards: list[ShardInfo] = []
     columns = [c for c in frame.columns if c != "stage"]
     for stage_frame in frame.partition_by("stage", maintain_order=True):
@@ -142,12 +123,3 @@ def write_shards(catalog: Catalog, run_id: str, order: pl.DataFrame, out_dir: Pa
         tmp.replace(path)
         shards.append(ShardInfo(stage, path, table.num_rows, path.stat().st_size, sha256_file(path)))
     return ShardSet(shards, columns, conversational, has_ref, note)
-
-
-def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
-    """Sorted keys, fixed indentation, no timestamps: the same run writes the same bytes."""
-    text = json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path

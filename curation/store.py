@@ -216,11 +216,6 @@ class Catalog:
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
 
     # -- writes --------------------------------------------------------------------
-    @staticmethod
-    def replace_run_rows(con: duckdb.DuckDBPyConnection, table: str, run_id: str, frame: pl.DataFrame | pa.Table) -> int:
-        """Deprecated spelling of :meth:`replace_slice` with ``run_id`` only (removed in the restructure)."""
-        return Catalog(Path("."), TABLES).replace_slice(con, table, frame, run_id=run_id)
-
     def replace_slice(self, con: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame | pa.Table,
                       **keys: Any) -> int:
         """Replace the rows of `table` matching `keys` (``run_id=..., stage=...``) with `frame`.
@@ -256,6 +251,38 @@ class Catalog:
         # Arrow data alive until the transaction ends.
         con.from_arrow(arrow.select(names)).query("_incoming", f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming")
         return arrow.num_rows
+
+    def replace_slice_from_parquet(self, con: duckdb.DuckDBPyConnection, table: str, files: list[str],
+                                   columns: tuple[str, ...] | None = None, **keys: Any) -> int:
+        """:meth:`replace_slice` for rows already on disk as parquet: DuckDB reads the files (memory flat).
+
+        A key that is a column of the files filters them (``margin_source="reference"`` loads only
+        those rows); any other key is written as a constant. `columns`: the file columns to load
+        (default: all of them). Returns the rows inserted.
+        """
+        if table not in self._tables:
+            raise ValueError(f"unknown catalog table {table!r}")
+        table_columns = _table_columns(self._tables[table])
+        in_files = [r[0] for r in con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [files]).description]
+        missing = sorted(set(columns or ()) - set(in_files))
+        if missing:
+            raise ValueError(f"the parquet files have no column(s) {missing}")
+        file_columns = list(columns) if columns else in_files
+        unknown = sorted(set(keys) - set(table_columns)) + sorted(set(file_columns) - set(table_columns))
+        if unknown:
+            raise ValueError(f"{table} has no column(s) {unknown}")
+        where = " AND ".join(f'"{k}" = ?' for k in keys)
+        con.execute(f"DELETE FROM {table} WHERE {where}", list(keys.values()))
+        constants = [k for k in keys if k not in in_files]
+        file_columns = [c for c in file_columns if c not in constants]
+        names = [*constants, *file_columns]
+        filters = [k for k in keys if k in in_files]
+        select = ", ".join(["?" for _ in constants] + [f'"{c}"' for c in file_columns])
+        file_where = (" WHERE " + " AND ".join(f'"{k}" = ?' for k in filters)) if filters else ""
+        cols = ", ".join(f'"{c}"' for c in names)
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {select} FROM read_parquet(?){file_where}",
+                    [*(keys[k] for k in constants), files, *(keys[k] for k in filters)])
+        return int(con.execute(f"SELECT count(*) FROM {table} WHERE {where}", list(keys.values())).fetchone()[0])
 
     def upsert_run(self, run_id: str, con: duckdb.DuckDBPyConnection | None = None, **fields: Any) -> None:
         """Create or update the `runs` row; dict fields are merged into the stored JSON."""

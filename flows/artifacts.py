@@ -61,17 +61,13 @@ def publish_run_artifacts(catalog, run_id: str, summary: dict[str, Any]) -> str 
     """Table of decisions by reason and stage, the markdown report, and the eval metrics."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    counts = catalog.query(
-        """SELECT reason, coalesce(CAST(stage AS VARCHAR), '-') AS stage, count(*) AS pairs
-           FROM decisions WHERE run_id = ? GROUP BY 1, 2 ORDER BY reason = 'kept' DESC, reason, stage""",
-        [run_id],
-        read_only=False,
-    ) if _has_rows(catalog, "decisions", run_id) else None
+    from curation.reads import decision_counts, eval_table, has_rows
+
+    counts = decision_counts(catalog, run_id) if has_rows(catalog, "decisions", run_id) else None
     if counts is not None:
         create_table_artifact(key=artifact_key(run_id, "decisions"), table=counts.to_dicts(),
                               description=f"Pairs by decision reason and sDPO stage, run {run_id}")
-    evals = catalog.query("SELECT model, metric, round(value, 4) AS value, n FROM evals WHERE run_id = ? ORDER BY 1, 2",
-                          [run_id], read_only=False)
+    evals = eval_table(catalog, run_id)
     if evals.height:
         create_table_artifact(key=artifact_key(run_id, "evals"), table=evals.to_dicts(),
                               description="Held-out evaluation: policy vs reference")
@@ -80,7 +76,3 @@ def publish_run_artifacts(catalog, run_id: str, summary: dict[str, Any]) -> str 
         create_markdown_artifact(key=artifact_key(run_id, "report"), markdown=Path(report).read_text(),
                                  description=f"Curation report, run {run_id}")
     return artifact_key(run_id, "report")
-
-
-def _has_rows(catalog, table: str, run_id: str) -> bool:  # noqa: ANN001
-    return bool(catalog.query(f"SELECT count(*) AS n FROM {table} WHERE run_id = ?", [run_id], read_only=False)["n"][0])

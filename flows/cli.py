@@ -14,8 +14,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from curation.config_fields import default_of, help_of
 from curation.errors import WinnowError
+from curation.ingest import IngestOptions
 from curation.schema import Format
+from curation.score.scoring import ScoreOptions
 
 app = typer.Typer(
     name="winnow",
@@ -47,14 +50,16 @@ def print_frame(frame, title: str | None = None, csv: bool = False) -> None:  # 
 @app.command()
 def ingest(
     sources: Annotated[list[str], typer.Argument(help="Files, folders, globs, or hf:DATASET[:SPLIT].")],
-    format: Annotated[Format, typer.Option("--format", "-f", help="Input layout; auto-detected by default.")] = Format.AUTO,
+    format: Annotated[Format, typer.Option("--format", "-f", help=help_of(IngestOptions, "format"))] = default_of(
+        IngestOptions, "format"),
     workdir: Workdir = DEFAULT_WORKDIR,
     run_id: Annotated[str | None, typer.Option(help="Run id; default: a hash of the inputs and settings.")] = None,
-    max_bad_fraction: Annotated[float, typer.Option(help="Fail when a larger share of rows is quarantined.")] = 0.5,
-    max_bytes: Annotated[int, typer.Option(help="Quarantine rows whose texts exceed this many bytes.")] = 200_000,
+    max_bad_fraction: Annotated[float, typer.Option(help=help_of(IngestOptions, "max_bad_fraction"))] = default_of(
+        IngestOptions, "max_bad_fraction"),
+    max_bytes: Annotated[int, typer.Option(help=help_of(IngestOptions, "max_bytes"))] = default_of(
+        IngestOptions, "max_bytes"),
 ) -> None:
     """Read preference pairs into the catalog and print the accounting table."""
-    from curation.ingest import IngestOptions
     from curation.ingest import ingest as run_ingest
     from curation.store import Catalog
 
@@ -86,12 +91,13 @@ def query(
 
 
 def _latest_run(workdir: Path) -> str:
+    from curation.reads import latest_run_id
     from curation.store import Catalog
 
-    frame = Catalog(workdir).query("SELECT run_id FROM runs WHERE status != 'failed' ORDER BY updated_at DESC LIMIT 1")
-    if frame.height == 0:
+    run_id = latest_run_id(Catalog(workdir))
+    if run_id is None:
         raise WinnowError(f"no runs in {workdir}: run `winnow ingest` or `winnow curate` first")
-    return frame.item()
+    return run_id
 
 
 @app.command()
@@ -99,23 +105,27 @@ def score(
     run_id: Annotated[str | None, typer.Argument(help="Run to score; default: the latest run.")] = None,
     workdir: Workdir = DEFAULT_WORKDIR,
     model: Annotated[str, typer.Option(help="Training model: winnow-tiny (built locally), a path or hub id.")] = "winnow-tiny",
-    margin: Annotated[str, typer.Option(help="Margin source: auto, scores, reference, reward-model, policy.")] = "auto",
+    margin: Annotated[str, typer.Option(help=help_of(ScoreOptions, "margin"))] = default_of(ScoreOptions, "margin"),
     reward_model: Annotated[str | None, typer.Option(help="AutoModelForSequenceClassification path (margin reward-model).")] = None,
     policy: Annotated[str | None, typer.Option(help="Trained policy path (margin policy).")] = None,
-    max_length: Annotated[int, typer.Option(help="Training max_length: truncation flags and log-probs follow it.")] = 128,
+    max_length: Annotated[int, typer.Option(help=help_of(ScoreOptions, "max_length"))] = default_of(
+        ScoreOptions, "max_length"),
     reference: Annotated[bool, typer.Option(help="Compute reference log-probs (reused by training).")] = True,
 ) -> None:
     """Score a run's pairs: edit distances, lengths, reward margin, reference log-probs."""
-    from curation.score.scoring import ScoreOptions, ScoringModels, score_run
+    from curation.reads import run_pair_texts, score_summary
+    from curation.score.scoring import ScoringModels, score_run
     from curation.store import Catalog
     from training.models import load_model, load_tokenizer, resolve_model
 
     catalog = Catalog(workdir)
     run_id = run_id or _latest_run(workdir)
-    pairs = catalog.query("SELECT prompt, chosen FROM pairs WHERE run_id = ?", [run_id])
+    pairs = run_pair_texts(catalog, run_id)
     model_path = str(resolve_model(model, pairs["prompt"].to_list(), pairs["chosen"].to_list(), workdir))
+    use_reference = reference or margin == "reference"
     models = ScoringModels(load_tokenizer(model_path), model_path,
-                           reference=load_model(model_path) if reference or margin == "reference" else None)
+                           reference=load_model(model_path) if use_reference else None,
+                           reference_name=model_path if use_reference else None)
     if reward_model:
         from transformers import AutoModelForSequenceClassification
 
@@ -124,14 +134,7 @@ def score(
     if policy:
         models.policy = load_model(policy)
     result = score_run(catalog, run_id, models, ScoreOptions(margin=margin, max_length=max_length))
-    summary = catalog.query(
-        """SELECT count(*) AS pairs, any_value(margin_source) AS margin_source, round(avg(margin), 4) AS mean_margin,
-                  round(avg(char_edit_norm), 4) AS char_edit, round(avg(token_edit_norm), 4) AS token_edit,
-                  round(avg(length_gap), 2) AS length_gap, sum(uneven_truncation::INT) AS uneven_truncation
-           FROM scores WHERE run_id = ?""",
-        [result.run_id],
-    )
-    print_frame(summary, title=f"scores of run {result.run_id}")
+    print_frame(score_summary(catalog, result.run_id), title=f"scores of run {result.run_id}")
 
 
 def _overrides(config_sets: list[str] | None, **flags) -> dict:  # noqa: ANN003

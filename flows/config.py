@@ -45,14 +45,13 @@ class PipelineConfig(BaseModel):
     model: str = "winnow-tiny"  # the default local model, or any path / hub id
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig)  # shape and warm-up of winnow-tiny
     ingest: IngestOptions = Field(default_factory=IngestOptions)
-    score: ScoreOptions = Field(default_factory=lambda: ScoreOptions(max_length=128))
+    score: ScoreOptions = Field(default_factory=ScoreOptions)
     score_shards: int = 2  # scoring tasks; a Dask/Ray runner spreads them over workers
     curate: CurateConfig = Field(default_factory=CurateConfig)
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_length=128, batch_size=32))
+    train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     task_runner: TaskRunnerName = "threads"
     refresh: bool = False
-    fail_after: str | None = None  # testing aid: raise after this task, to exercise resume
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -74,11 +73,6 @@ class PipelineConfig(BaseModel):
             config = cls.model_validate(merged)
         except (ValidationError, WinnowError, ValueError, TypeError) as exc:
             raise WinnowError(f"invalid settings: {_first_error(exc)}") from None
-        if config.score.max_length != config.train.max_length:
-            raise WinnowError(
-                f"score.max_length ({config.score.max_length}) must equal train.max_length "
-                f"({config.train.max_length}): the curated reference log-probs depend on it"
-            )
         return config
 
     def dump(self) -> dict[str, Any]:

@@ -17,8 +17,10 @@ from prefect.futures import wait
 from prefect.states import State
 
 from curation.errors import WinnowError
+from curation.manifest import ShardManifest, find_shard_folder
 from flows import tasks
 from flows.config import PipelineConfig
+from training.models import DEFAULT_MODEL
 
 FAIL_AFTER_ENV = "WINNOW_FAIL_AFTER"  # testing aid: raise after the named step, to exercise resume
 
@@ -114,7 +116,8 @@ def _curate(steps: _Steps) -> dict[str, Any]:
                                 [{"config": config, **exported, "model_path": model_path, "shard": (i, n)}
                                  for i in range(n)])
     parts = sorted(p for part in shard_parts for p in part)
-    scored = steps.run("score", tasks.load_scores_task, config=config, run_id=run_id, parts=parts)
+    scored = steps.run("score", tasks.load_scores_task, config=config, run_id=run_id, parts=parts,
+                       margin_source=exported["margin_source"], model_path=model_path)
     curated = steps.run("curate", tasks.curate_task, config=config, run_id=run_id, parts=parts)
     return {"run_id": run_id, "ingest": ingested, "model_path": model_path, "scored_pairs": scored, **curated}
 
@@ -151,14 +154,10 @@ def train_flow(shards: str, recipe: str | None = None, overrides: dict[str, Any]
     """Train every stage of a curated shard folder (a run folder or its shards/ folder)."""
     config = PipelineConfig.load(recipe, overrides)
     steps = _Steps(config)
-    shard_dir = Path(shards)
-    if (shard_dir / "shards" / "manifest.json").is_file():
-        shard_dir = shard_dir / "shards"
-    from training.stages import ShardManifest
-
+    shard_dir = find_shard_folder(shards)
     manifest = ShardManifest.load(shard_dir)
-    run_id = manifest.raw.get("run_id") or shard_dir.parent.name
-    model_path = config.model if config.model != "winnow-tiny" else (manifest.reference or config.model)
+    run_id = manifest.run_id
+    model_path = config.model if config.model != DEFAULT_MODEL else (manifest.reference.model or config.model)
     summary = {"run_id": run_id, "shard_dir": str(shard_dir), "model_path": model_path}
     summary.update(_train(steps, run_id, str(shard_dir), model_path))
     return _finish(steps, summary)

@@ -93,7 +93,9 @@ def model_task(config: PipelineConfig, run_id: str) -> str:
 
     if config.model != DEFAULT_MODEL:
         return config.model
-    pairs = _catalog(config).query("SELECT prompt, chosen FROM pairs WHERE run_id = ?", [run_id], read_only=False)
+    from curation.reads import run_pair_texts
+
+    pairs = run_pair_texts(_catalog(config), run_id)
     return str(build_default_model(pairs["prompt"].to_list(), pairs["chosen"].to_list(), Path(config.workdir),
                                    config.tiny))
 
@@ -135,7 +137,7 @@ def scoring_models(model_path: str, reference: bool = True):  # noqa: ANN201
     with _LOAD_LOCK:
         tokenizer = load_tokenizer(model_path)
         model = load_model(model_path) if reference else None
-    return ScoringModels(tokenizer, model_path, reference=model)
+    return ScoringModels(tokenizer, model_path, reference=model, reference_name=model_path if reference else None)
 
 
 @task(name="score-shard", cache_key_fn=_score_key, **_COMMON)
@@ -152,18 +154,18 @@ def score_shard_task(config: PipelineConfig, pairs_path: str, margin_source: str
 
 def _load_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     config: PipelineConfig = parameters["config"]
-    return content_key("load-scores", [_workdir(config), parameters["run_id"]], parameters["parts"])
+    settings = [_workdir(config), parameters["run_id"], parameters["margin_source"], parameters["model_path"]]
+    return content_key("load-scores", settings, parameters["parts"])
 
 
 @task(name="load-scores", cache_key_fn=_load_key, **_COMMON)
 @_user_errors_in_one_line
-def load_scores_task(config: PipelineConfig, run_id: str, parts: list[str]) -> int:
-    from curation.score.scoring import load_scores
+def load_scores_task(config: PipelineConfig, run_id: str, parts: list[str], margin_source: str,
+                     model_path: str) -> int:
+    from curation.score.scoring import load_scores, score_record
 
-    catalog = _catalog(config)
-    count = load_scores(catalog, run_id, [Path(p) for p in parts])
-    catalog.upsert_run(run_id, config={"score": config.score.to_dict()})
-    return count
+    record = score_record(config.score, margin_source, tokenizer=model_path, reference_model=model_path)
+    return load_scores(_catalog(config), run_id, [Path(p) for p in parts], record)
 
 
 # -- curate ---------------------------------------------------------------------------------
@@ -205,12 +207,12 @@ def _train_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 @task(name="train-stages", cache_key_fn=_train_key, **_COMMON)
 @_user_errors_in_one_line
 def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: str) -> dict[str, Any]:
+    from curation.manifest import ShardManifest
     from flows.artifacts import TrainingProgress
-    from training.stages import ShardManifest, train_stages
+    from training.stages import train_stages
 
     catalog = _catalog(config)
-    manifest = ShardManifest.load(Path(shard_dir))
-    total = len(manifest.stages[: config.train.max_stages] if config.train.max_stages else manifest.stages)
+    total = len(ShardManifest.load(Path(shard_dir)).selected(config.train.max_stages))
     results = train_stages(Path(shard_dir), model_path, train_output_dir(config, run_id, shard_dir, model_path),
                            config.train, metrics_sink=_metrics_sink(catalog, run_id),
                            callbacks=[TrainingProgress(run_id, total)])
@@ -225,14 +227,9 @@ def _metrics_sink(catalog, run_id: str):  # noqa: ANN001, ANN202
     import polars as pl
 
     def sink(stage: int, rows: list[dict[str, Any]]) -> None:
-        frame = pl.DataFrame(rows, infer_schema_length=None).with_columns(run_id=pl.lit(run_id))
+        frame = pl.DataFrame(rows, infer_schema_length=None)
         with catalog.transaction() as con:
-            con.execute("DELETE FROM train_metrics WHERE run_id = ? AND stage = ?", [run_id, stage])
-            if frame.height:
-                con.register("_metrics", frame.to_arrow())
-                cols = ", ".join(frame.columns)
-                con.execute(f"INSERT INTO train_metrics ({cols}) SELECT {cols} FROM _metrics")
-                con.unregister("_metrics")
+            catalog.replace_slice(con, "train_metrics", frame, run_id=run_id, stage=stage)
 
     return sink
 

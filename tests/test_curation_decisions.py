@@ -22,6 +22,7 @@ from curation.advice import AdviceConfig, advise
 from curation.beta_filter import BetaFilterConfig, beta_filter, kept_count, sample_keep
 from curation.decide import WHY_SQL, CurateConfig, curate, why
 from curation.errors import WinnowError
+from curation.manifest import MANIFEST_FORMAT, ShardManifest
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules, resolve_threshold
 from curation.report import PLOTS, build_report
 from curation.shard import sha256_file
@@ -80,9 +81,9 @@ def make_catalog(workdir: Path, frame: pl.DataFrame, run_id: str = "run-syntheti
     with catalog.transaction() as con:
         catalog.upsert_run(run_id, con, status="scored" if scored else "ingested",
                            config={"score": {"max_length": 64, "truncation_mode": "keep_start"}})
-        catalog.replace_run_rows(con, "pairs", run_id, pairs.with_columns(run_id=pl.lit(run_id)))
+        catalog.replace_slice(con, "pairs", pairs, run_id=run_id)
         if scored:
-            catalog.replace_run_rows(con, "scores", run_id, scores.with_columns(run_id=pl.lit(run_id)))
+            catalog.replace_slice(con, "scores", scores, run_id=run_id)
     return catalog
 
 
@@ -203,7 +204,11 @@ def test_manifest_hashes_and_counts_match_the_files(demo) -> None:
         assert pq.read_metadata(path).num_rows == entry["rows"]
     assert manifest["counts"]["kept"] == sum(e["rows"] for e in manifest["stages"]) == result.kept
     assert manifest["counts"]["dropped_by_reason"] == result.dropped
-    assert manifest["scoring"]["max_length"] == 20 and manifest["scoring"]["tokenizer"] == "demo-tok"
+    assert manifest["reference"]["max_length"] == 20 and manifest["reference"]["tokenizer"] == "demo-tok"
+    assert manifest["format"] == MANIFEST_FORMAT
+    loaded = ShardManifest.load(result.manifest_path.parent)  # the typed reader training uses
+    assert [s.sha256 for s in loaded.stages] == [e["sha256"] for e in manifest["stages"]]
+    assert loaded.reference.max_length == 20 and loaded.counts["kept"] == result.kept
     assert manifest["advice"]["objective"] == result.advice.objective
     assert "created" not in json.dumps(manifest)  # no timestamps: the manifest is reproducible too
     stored = catalog.query("SELECT stage, sha256 FROM shards WHERE run_id = ? ORDER BY stage", [run_id])
@@ -492,7 +497,7 @@ def test_conversational_runs_shard_message_lists_without_ref_columns(tmp_path: P
     catalog = make_catalog(tmp_path, synthetic_scores(np.linspace(0.5, 3.0, 40)), conversational=True)
     result = curate(catalog, "run-synthetic", QUICK)
     manifest = json.loads(result.manifest_path.read_text())
-    assert manifest["conversational"] is True and manifest["ref_logps"]["included"] is False
+    assert manifest["conversational"] is True and manifest["ref_logps_included"] is False
     table = pq.read_table(result.shard_dir / "stage-1.parquet")
     assert table.column_names == ["prompt", "chosen", "rejected", "pair_id"]
     first = table.slice(0, 1).to_pylist()[0]
@@ -504,7 +509,7 @@ def test_explicit_runs_carry_reference_logps(tmp_path: Path) -> None:
     result = curate(catalog, "run-synthetic", QUICK)
     table = pq.read_table(result.shard_dir / "stage-2.parquet")
     assert table.column_names == ["prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps", "pair_id"]
-    assert json.loads(result.manifest_path.read_text())["ref_logps"]["included"] is True
+    assert json.loads(result.manifest_path.read_text())["ref_logps_included"] is True
 
 
 def test_report_is_rebuilt_from_the_catalog_alone(demo) -> None:
@@ -518,3 +523,22 @@ def test_report_is_rebuilt_from_the_catalog_alone(demo) -> None:
     for name in PLOTS:
         png = folder / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_training_refuses_a_manifest_of_another_format_in_one_line(demo, tmp_path: Path) -> None:
+    result = demo[2]
+    folder = tmp_path / "shards"
+    shutil.copytree(result.manifest_path.parent, folder)
+    path = folder / "manifest.json"
+    raw = json.loads(path.read_text())
+    assert ShardManifest.load(folder).run_id == raw["run_id"]
+    for bad in ({**raw, "format": "winnow-shards/1"}, {k: v for k, v in raw.items() if k != "format"}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(WinnowError, match="format .*re-run `winnow curate`") as err:
+            ShardManifest.load(folder)
+        assert "\n" not in str(err.value)
+    escaped = {**raw, "stages": [{**raw["stages"][0], "path": "../../outside.parquet"}]}
+    path.write_text(json.dumps(escaped))
+    manifest = ShardManifest.load(folder)
+    with pytest.raises(WinnowError, match="outside its folder"):
+        manifest.shard_path(manifest.stages[0])

@@ -28,7 +28,7 @@ def small_overrides(source: Path, workdir: Path) -> dict:
         "sources": [str(source)],
         "workdir": str(workdir),
         "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "sft_steps": 15, "sft_batch_size": 32},
-        "train": {"batch_size": 32, "max_length": 64, "logging_steps": 2},
+        "train": {"batch_size": 32, "logging_steps": 2},
         "score": {"max_length": 64},
         "eval": {"prompts": 12, "heldout_pairs": 24, "max_new_tokens": 12},
     }
@@ -200,6 +200,27 @@ def test_recipes_load(tmp_path: Path) -> None:
         if recipe.name.startswith("accelerate"):
             continue
         config = PipelineConfig.load(recipe)
-        assert config.train.max_length == config.score.max_length, recipe
-    with pytest.raises(Exception, match="score.max_length"):
-        PipelineConfig.load(overrides={"score": {"max_length": 64}})
+        # one owner of the token budget: scoring's; training inherits it through the manifest
+        assert config.train.max_length is None and config.score.max_length, recipe
+    assert PipelineConfig.load(overrides={"score": {"max_length": 64}}).score.max_length == 64
+
+
+def test_settings_have_one_owner() -> None:
+    """Defaults are stated once: TRL's max_length for user data, and the CLI reads the library's fields."""
+    from trl import DPOConfig
+
+    from curation.config_fields import default_of
+    from curation.ingest import IngestOptions
+    from curation.score.scoring import ScoreOptions
+    from flows.cli import app
+    from flows.config import PipelineConfig
+
+    assert ScoreOptions().max_length == DPOConfig(output_dir="/tmp/x").max_length == 1024
+    assert PipelineConfig.load(overrides={"sources": ["x.jsonl"]}).score.max_length == 1024
+    import typer.main
+
+    command = typer.main.get_command(app)
+    options = {p.name: p for p in command.commands["ingest"].params}
+    assert options["max_bytes"].default == default_of(IngestOptions, "max_bytes")
+    assert options["max_bad_fraction"].default == default_of(IngestOptions, "max_bad_fraction")
+    assert {p.name: p for p in command.commands["score"].params}["max_length"].default == ScoreOptions().max_length

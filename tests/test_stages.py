@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 
 import training.stages as stages
 from tests.test_trainer import MAX_LENGTH, pairs_frame, state_diff, tiny_model, with_reference
+from curation.manifest import ReferenceInfo, ShardManifest, StageShard
 from training.config import TrainConfig
 from training.models import load_model, load_tokenizer
 from training.stages import COMPLETE, REFERENCE_LOGPS_FILE, train_stages
@@ -46,15 +47,17 @@ def shard_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     for stage in (1, 2):
         frame = with_reference(pairs_frame(PAIRS_PER_STAGE, seed=20 + stage), model, tokenizer)
         frame.select("prompt", "chosen", "rejected", *REF_COLUMNS, "pair_id").write_parquet(root / f"stage-{stage}.parquet")
-        entries.append({"stage": stage, "path": f"stage-{stage}.parquet", "rows": frame.height})
-    manifest = {"format": "winnow-shards/1", "run_id": "run-stages-test", "stages": entries, "advice": None,
-                "scoring": {"tokenizer": str(model_dir), "max_length": MAX_LENGTH, "truncation_mode": "keep_start"}}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        path = root / f"stage-{stage}.parquet"
+        entries.append(StageShard(stage=stage, path=path.name, rows=frame.height, bytes=path.stat().st_size,
+                                  sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
+    reference = ReferenceInfo(model=str(model_dir), tokenizer=str(model_dir), max_length=MAX_LENGTH)
+    ShardManifest(run_id="run-stages-test", reference=reference, stages=entries,
+                  columns=["prompt", "chosen", "rejected", *REF_COLUMNS, "pair_id"], ref_logps_included=True).write(root)
     return root
 
 
 def config(**overrides: Any) -> TrainConfig:
-    settings = {"objective": "dpo", "batch_size": 8, "logging_steps": 2, "max_length": MAX_LENGTH,
+    settings = {"objective": "dpo", "batch_size": 8, "logging_steps": 2,
                 "learning_rate": 1e-3, "num_epochs": 1.0}
     return TrainConfig(**{**settings, **overrides})
 
@@ -187,9 +190,21 @@ def test_winnow_train_cli_trains_both_stages(model_dir: Path, shard_dir: Path, t
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WINNOW_NO_PROGRESS": "1"}
     cmd = [str(Path(sys.executable).parent / "winnow"), "train", "--shards", str(run_dir), "--objective", "beta-dpo",
            "--model", str(model_dir), "-w", str(tmp_path), "--set", "eval.enabled=false",
-           "--set", f"train.max_length={MAX_LENGTH}", "--set", "train.batch_size=8"]
+           "--set", "train.batch_size=8"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     completes = sorted(p.parent.name for p in (tmp_path / "run-stages-test" / "train").glob("*/stage-*/COMPLETE"))
     assert completes == ["stage-1", "stage-2"], proc.stdout[-3000:]
     assert "beta-dpo" in proc.stdout and "recomputed" in proc.stdout
+
+
+def test_training_takes_its_token_budget_from_the_manifest(model_dir: Path, shard_dir: Path) -> None:
+    """One owner: unset TrainConfig lengths mean curation's; a different max_length is honoured and recomputes."""
+    manifest = ShardManifest.load(shard_dir)
+    inherited = stages.training_lengths(config(), manifest)
+    assert inherited == stages.TrainingLengths(MAX_LENGTH, "keep_start")
+    frame = stage_frame(shard_dir, 1)
+    assert stages._reference_plan(frame, 1, model_dir, model_dir, manifest, config(), inherited) == "curation"
+    other = stages.training_lengths(config(max_length=MAX_LENGTH // 2), manifest)
+    assert other.max_length == MAX_LENGTH // 2
+    assert stages._reference_plan(frame, 1, model_dir, model_dir, manifest, config(), other) == "recomputed"

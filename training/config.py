@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
+from curation.config_fields import setting
 from training.objectives import PRESETS, Objective
 
 
@@ -12,25 +13,28 @@ from training.objectives import PRESETS, Objective
 class TrainConfig:
     """What a user sets for a staged DPO run; everything else follows TRL's defaults."""
 
-    objective: str = "auto"  # auto (follow the curation advice) or a preset name
-    objective_overrides: dict[str, Any] = field(default_factory=dict)
+    objective: str = setting("auto", help="auto (follow the curation advice) or a preset: "
+                                          "dpo, dpop, ln-dpo, minor-dpo, beta-dpo.")
+    objective_overrides: dict[str, Any] = setting(default_factory=dict, help="Objective options on top of the preset "
+                                                                             "(e.g. {dpop_lambda: 50}).")
     # Sized for the tiny default model (the gym: 5e-4 drove plain DPO ~4 nats of KL away and
-    # degraded it; 1e-4 did not); pass ~5e-7 for a real LLM.
-    learning_rate: float = 1e-4
-    num_epochs: float = 1.0
-    batch_size: int = 16  # per device
-    gradient_accumulation_steps: int = 1
-    max_length: int | None = 512  # must equal the scoring max_length for curated log-probs to be reused
-    truncation_mode: str = "keep_start"
-    lr_scheduler_type: str = "linear"
-    warmup_ratio: float = 0.1
-    seed: int = 0
-    logging_steps: int = 5
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    reuse_reference_logps: bool = True
-    max_stages: int | None = None  # train only the first N stages
+    # degraded it; 1e-4 did not).
+    learning_rate: float = setting(1e-4, help="Peak learning rate (sized for winnow-tiny; ~5e-7 for a real LLM).")
+    num_epochs: float = setting(1.0, help="Passes over each stage.")
+    batch_size: int = setting(16, help="Pairs per device per step.")
+    gradient_accumulation_steps: int = setting(1, help="Steps accumulated per optimizer update.")
+    max_length: int | None = setting(None, help="None: curation's (the shard manifest's). Another value is "
+                                                "honoured, and stage 1 then recomputes its reference log-probs.")
+    truncation_mode: str | None = setting(None, help="None: curation's (the shard manifest's).")
+    lr_scheduler_type: str = setting("linear", help="Schedule, fresh for every sDPO stage.")
+    warmup_ratio: float = setting(0.1, help="Share of each stage's steps spent warming up.")
+    seed: int = setting(0, help="Training seed (data order, beta-DPO's draws).")
+    logging_steps: int = setting(5, help="Log (and record in train_metrics) every N steps.")
+    lora: bool = setting(False, help="Train LoRA adapters (merged after every stage).")
+    lora_r: int = setting(16, help="LoRA rank.")
+    lora_alpha: int = setting(32, help="LoRA alpha.")
+    reuse_reference_logps: bool = setting(True, help="Stage 1 reuses curation's reference log-probs when they match.")
+    max_stages: int | None = setting(None, help="Train only the first N stages.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from curation.errors import WinnowError
 from training.config import TrainConfig
-from training.stages import ShardManifest, train_stages
+from curation.manifest import ShardManifest
+from training.stages import train_stages
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         fields = json.loads(args.train_config)
         config = TrainConfig(**{**fields, "objective": args.objective})
         manifest = ShardManifest.load(args.shards)
-        model = args.model or manifest.reference
+        model = args.model or manifest.reference.model
         if model is None:
             raise WinnowError("the manifest names no model; pass --model")
         results = train_stages(args.shards, model, args.output, config)

@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,22 @@ import polars as pl
 import torch
 
 from curation.errors import WinnowError
+from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
+from curation.manifest import ShardManifest, StageShard
 from training.config import TrainConfig, resolve_objective
-from training.trainer import REF_COLUMNS, MetricsRecorder, WinnowDPOTrainer
+from training.trainer import MetricsRecorder, WinnowDPOTrainer
 
 COMPLETE = "COMPLETE"
+TRL_TRUNCATION = "keep_start"  # DPOConfig's default, for direct calls that leave truncation_mode unset
 REFERENCE_LOGPS_FILE = "reference_logps.parquet"
+
+
+@dataclass(frozen=True)
+class TrainingLengths:
+    """The token budget training applies (one owner: the manifest, unless TrainConfig overrides it)."""
+
+    max_length: int | None
+    truncation_mode: str = "keep_start"
 
 
 @dataclass
@@ -42,42 +53,8 @@ class StageResult:
     seconds: float = 0.0
 
 
-@dataclass
-class ShardManifest:
-    """The parts of curation's manifest.json that training needs."""
-
-    root: Path
-    stages: list[dict[str, Any]]
-    advice: dict[str, Any] | None = None
-    max_length: int | None = None
-    reference: str | None = None  # the model the shard's ref log-probs were computed with
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, shard_dir: Path) -> ShardManifest:
-        path = Path(shard_dir) / "manifest.json"
-        if not path.is_file():
-            raise WinnowError(f"no manifest.json in {shard_dir}: run `winnow curate` first, or pass its shard folder")
-        raw = json.loads(path.read_text())
-        stages = sorted(raw.get("stages") or raw.get("shards") or [], key=lambda s: s["stage"])
-        if not stages:
-            raise WinnowError(f"{path} lists no stages")
-        scoring = raw.get("scoring") or {}
-        return cls(
-            root=path.parent,
-            stages=stages,
-            advice=raw.get("advice"),
-            max_length=scoring.get("max_length", raw.get("max_length")),
-            reference=scoring.get("tokenizer", raw.get("tokenizer")),
-            raw=raw,
-        )
-
-    def shard_path(self, stage: dict[str, Any]) -> Path:
-        path = Path(stage.get("path") or stage.get("file"))
-        return path if path.is_absolute() else self.root / path
-
-
-def load_stage_frame(path: Path) -> pl.DataFrame:
+def load_stage_frame(manifest: ShardManifest, entry: StageShard) -> pl.DataFrame:
+    path = manifest.shard_path(entry)
     if not path.is_file():
         raise WinnowError(f"shard {path} is missing")
     return pl.read_parquet(path)
@@ -92,7 +69,7 @@ def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig,
     from training.tokenization import tokenize_pairs
 
     tokens = tokenize_pairs(tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
-                            frame["rejected"].to_list(), config.max_length, config.truncation_mode)
+                            frame["rejected"].to_list(), config.max_length, config.truncation_mode or TRL_TRUNCATION)
     return score_tokenized(model, tokens, progress=progress).select(REF_COLUMNS)
 
 
@@ -114,7 +91,7 @@ def _dpo_config(config: TrainConfig, output_dir: Path, beta: float):  # noqa: AN
         warmup_steps=config.warmup_ratio,
         logging_steps=config.logging_steps,
         max_length=config.max_length,
-        truncation_mode=config.truncation_mode,
+        truncation_mode=config.truncation_mode or TRL_TRUNCATION,
         precompute_ref_log_probs=True,  # never keep a live reference: log-probs come from the shard
         beta=beta,
         seed=config.seed,
@@ -219,13 +196,15 @@ def train_stages(
     """Train every stage of a curated shard folder in order; resumes after completed stages."""
     config = config or TrainConfig()
     manifest = ShardManifest.load(shard_dir)
-    stages = manifest.stages[: config.max_stages] if config.max_stages else manifest.stages
+    stages = manifest.selected(config.max_stages)
+    lengths = training_lengths(config, manifest)
+    config = replace(config, max_length=lengths.max_length, truncation_mode=lengths.truncation_mode)
     output_dir = Path(output_dir)
     current: str | Path = base_model
     results: list[StageResult] = []
     fingerprint = ""
     for entry in stages:
-        stage = int(entry["stage"])
+        stage = entry.stage
         stage_dir = output_dir / f"stage-{stage}"
         fingerprint = _stage_fingerprint(fingerprint, config, base_model, manifest, entry)
         resumed = _completed_stage(stage_dir, fingerprint)
@@ -234,8 +213,8 @@ def train_stages(
             current = stage_dir / "model"
             continue
         shutil.rmtree(stage_dir, ignore_errors=True)  # a partial or differently configured stage
-        frame = load_stage_frame(manifest.shard_path(entry))
-        reference_source = _reference_plan(frame, stage, current, base_model, manifest, config)
+        frame = load_stage_frame(manifest, entry)
+        reference_source = _reference_plan(frame, stage, current, base_model, manifest, config, lengths)
         results.append(
             train_stage(stage, frame, current, stage_dir, config, manifest.advice, reference_source=reference_source,
                         metrics_sink=metrics_sink, callbacks=callbacks, progress=progress, fingerprint=fingerprint)
@@ -245,11 +224,11 @@ def train_stages(
 
 
 def _stage_fingerprint(previous: str, config: TrainConfig, base_model: str | Path, manifest: ShardManifest,
-                       entry: dict[str, Any]) -> str:
+                       entry: StageShard) -> str:
     """What a stage's result depends on, chained, so a change upstream retrains everything after it."""
     settings = {k: v for k, v in config.to_dict().items() if k != "max_stages"}
-    payload = json.dumps([previous, settings, str(base_model), manifest.advice, entry.get("sha256"),
-                          str(manifest.shard_path(entry))], sort_keys=True, default=str)
+    payload = json.dumps([previous, settings, str(base_model), manifest.advice, entry.sha256,
+                          str(manifest.shard_path(entry)), asdict(manifest.reference)], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -265,18 +244,29 @@ def _completed_stage(stage_dir: Path, fingerprint: str) -> StageResult | None:
                        train_loss=summary.get("train_loss"))
 
 
+def training_lengths(config: TrainConfig, manifest: ShardManifest) -> TrainingLengths:
+    """max_length and truncation of training: the manifest's (curation's) unless the config sets its own."""
+    ref = manifest.reference
+    max_length = ref.max_length if config.max_length is None else config.max_length
+    mode = ref.truncation_mode if config.truncation_mode is None else config.truncation_mode
+    return TrainingLengths(max_length, mode)
+
+
 def _reference_plan(frame: pl.DataFrame, stage: int, current: str | Path, base_model: str | Path,
-                    manifest: ShardManifest, config: TrainConfig) -> str:
+                    manifest: ShardManifest, config: TrainConfig, lengths: TrainingLengths) -> str:
     """Where this stage's reference log-probs come from.
 
-    Curation's are reused only for stage 1, when computed with the same model and max_length;
-    conversational shards go through TRL's own precompute pass (the chat template decides tokens).
+    Curation's are reused only for stage 1, when computed with the same model, max_length and
+    truncation; conversational shards go through TRL's own precompute pass (the chat template
+    decides tokens).
     """
     if _is_conversational(frame):
         return "trl"
     has_ref = set(REF_COLUMNS) <= set(frame.columns) and frame[REF_COLUMNS[0]].null_count() == 0
-    same_model = manifest.reference is not None and str(manifest.reference) == str(base_model)
-    if (stage == 1 and has_ref and same_model and manifest.max_length == config.max_length
-            and config.reuse_reference_logps and str(current) == str(base_model)):
+    ref = manifest.reference
+    same_model = ref.model is not None and str(ref.model) == str(base_model)
+    same_tokens = (ref.max_length, ref.truncation_mode) == (lengths.max_length, lengths.truncation_mode)
+    if (stage == 1 and has_ref and same_model and same_tokens and config.reuse_reference_logps
+            and str(current) == str(base_model)):
         return "curation"
     return "recomputed"

@@ -21,9 +21,9 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOTrainer
 
+from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
 from training.objectives import Objective
 
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 _NON_MODEL_KEYS = {"completion_mask", *REF_COLUMNS}
 OBJECTIVE_STATE_FILE = "winnow_objective.json"
 

@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from curation.config_fields import setting
 from curation.errors import NoValidPairsError, TooManyBadRowsError
 from curation.ingest.formats import Layout, detect_layout, normalise_batch
 from curation.ingest.readers import RawBatch, read_source
@@ -30,10 +31,13 @@ __all__ = ["IngestOptions", "IngestResult", "ingest", "make_run_id", "resolve_so
 
 @dataclass(frozen=True)
 class IngestOptions:
-    format: Format = Format.AUTO
-    batch_size: int = 5000
-    max_bytes: int = 200_000  # per JSONL line / record text, protects memory and the tokenizer
-    max_bad_fraction: float = 0.5
+    """How sources are read and when a run refuses them."""
+
+    format: Format = setting(Format.AUTO, help="Input layout; detected per source when auto.")
+    batch_size: int = setting(5000, help="Rows per streamed batch (memory holds one batch).")
+    max_bytes: int = setting(200_000, help="Quarantine rows whose texts exceed this many bytes (protects memory "
+                                           "and the tokenizer).")
+    max_bad_fraction: float = setting(0.5, help="Fail the run when a larger share of rows is quarantined.")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (v.value if isinstance(v, Format) else v) for k, v in asdict(self).items()}

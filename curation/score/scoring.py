@@ -15,6 +15,7 @@ from typing import Any
 
 import polars as pl
 
+from curation.config_fields import setting
 from curation.errors import WinnowError
 from curation.parquet_stream import open_parquet_stream
 from curation.progress import progress_bar
@@ -26,19 +27,25 @@ from curation.score.margins import (
     reward_model_margin,
     scores_margin,
 )
+from curation.reads import export_pairs_parquet, unrated_pairs
 from curation.store import Catalog, bounded_memory
 from training.tokenization import tokenize_pairs
 
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
+REFERENCE_SCORE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
 
 
 @dataclass(frozen=True)
 class ScoreOptions:
-    margin: str = "auto"  # auto | scores | reference | reward-model | policy
-    max_length: int | None = 512  # the training max_length: truncation flags and log-probs follow it
-    truncation_mode: str = "keep_start"
-    beta: float = 0.1  # for the policy margin
-    batch_pairs: int = 20_000
+    """How pairs are measured. `max_length` is the one owner of the token budget: truncation flags,
+    log-probs and (through the shard manifest) training follow it."""
+
+    margin: str = setting("auto", help="Margin source: auto (ratings when every pair has them, else the "
+                                       "reference), scores, reference, reward-model or policy.")
+    max_length: int | None = setting(1024, help="Token budget of prompt + completion, as TRL's DPOConfig "
+                                                "(default 1024): truncation flags, log-probs and training follow it.")
+    truncation_mode: str = setting("keep_start", help="What truncation keeps: keep_start (TRL) or keep_end.")
+    beta: float = setting(0.1, help="beta of the implicit reward, for the policy margin.")
+    batch_pairs: int = setting(20_000, help="Pairs per scoring batch (memory holds one batch).")
 
     def __post_init__(self) -> None:
         if self.margin not in MARGIN_SOURCES:
@@ -55,6 +62,7 @@ class ScoringModels:
     tokenizer: Any
     tokenizer_name: str = "unknown"
     reference: Any = None  # causal LM: reference log-probs (and the `reference` margin)
+    reference_name: str | None = None  # its path or hub id, recorded in the manifest
     reward_model: Any = None
     reward_tokenizer: Any = None
     policy: Any = None
@@ -76,13 +84,8 @@ def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models:
     """`auto`: the source's ratings when every pair has them, else the reference model."""
     if requested != "auto":
         return requested
-    unscored = catalog.query(
-        "SELECT count(*) FILTER (WHERE score_chosen IS NULL OR score_rejected IS NULL) AS n, count(*) AS total "
-        "FROM pairs WHERE run_id = ?",
-        [run_id],
-        read_only=False,
-    ).row(0)
-    if unscored[1] and unscored[0] == 0:
+    unrated, total = unrated_pairs(catalog, run_id)
+    if total and unrated == 0:
         return "scores"
     if models is None or models.reference is not None:
         return "reference"
@@ -99,7 +102,7 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
     if models.reference is not None:
         from curation.score.logprobs import score_tokenized
 
-        ref = score_tokenized(models.reference, tokens, progress=progress).select(REF_COLUMNS)
+        ref = score_tokenized(models.reference, tokens, progress=progress).select(REFERENCE_SCORE_COLUMNS)
         parts.append(ref)
     if margin_source == "scores":
         margin = scores_margin(frame)
@@ -123,7 +126,7 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
         raise WinnowError(f"unknown margin source {margin_source!r}")
     parts.append(margin.with_columns(pl.col("reward_chosen", "reward_rejected", "margin").cast(pl.Float64)))
     out = pl.concat(parts, how="horizontal")
-    for name in REF_COLUMNS:
+    for name in REFERENCE_SCORE_COLUMNS:
         if name not in out.columns:
             out = out.with_columns(pl.lit(None, dtype=pl.Float64).alias(name))
     return out.with_columns(
@@ -131,9 +134,6 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
         tokenizer=pl.lit(models.tokenizer_name),
         max_length=pl.lit(options.max_length, dtype=pl.Int64),
     )
-
-
-PAIR_COLUMNS = "pair_id, prompt, chosen, rejected, score_chosen, score_rejected"
 
 
 def export_pairs(catalog: Catalog, run_id: str) -> Path:
@@ -145,15 +145,7 @@ def export_pairs(catalog: Catalog, run_id: str) -> Path:
     """
     out = Path(catalog.workdir) / run_id / "pairs.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with catalog.connect() as con, bounded_memory(con, threads=1):  # the sort spills: memory flat in pairs
-        con.execute(
-            f"COPY (SELECT {PAIR_COLUMNS} FROM pairs WHERE run_id = ? ORDER BY source, source_row) "
-            f"TO '{tmp}' (FORMAT parquet, ROW_GROUP_SIZE 20000)",
-            [run_id],
-        )
-    tmp.replace(out)
-    return out
+    return export_pairs_parquet(catalog, run_id, out)
 
 
 def shard_range(total: int, shard: tuple[int, int] | None) -> tuple[int, int]:
@@ -203,25 +195,30 @@ def score_shard(pairs_path: Path, out_dir: Path, models: ScoringModels, options:
     return paths
 
 
-def load_scores(catalog: Catalog, run_id: str, parts: list[Path]) -> int:
+MARGIN_COLUMNS = ("pair_id", "margin_source", "margin", "reward_chosen", "reward_rejected")
+
+
+def score_record(options: ScoreOptions, margin_source: str, models: ScoringModels | None = None, *,
+                 tokenizer: str | None = None, reference_model: str | None = None) -> dict[str, Any]:
+    """What `runs.config.score` records: the options plus which model made the numbers (the manifest copies it)."""
+    return {**options.to_dict(), "margin_source": margin_source,
+            "tokenizer": tokenizer or (models.tokenizer_name if models else None),
+            "reference_model": reference_model or (models.reference_name if models else None)}
+
+
+def load_scores(catalog: Catalog, run_id: str, parts: list[Path], record: dict[str, Any] | None = None) -> int:
     """Replace the run's `scores` and its `margins` rows from part files, in one transaction."""
     if not parts:
         raise WinnowError(f"run {run_id} has no pairs to score")
     files = [str(p) for p in parts]
     with catalog.transaction() as con, bounded_memory(con):
-        con.execute("DELETE FROM scores WHERE run_id = ?", [run_id])
-        columns = [r[0] for r in con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [files]).description]
-        cols = ", ".join(f'"{c}"' for c in columns)
-        con.execute(f"INSERT INTO scores (run_id, {cols}) SELECT ?, {cols} FROM read_parquet(?)", [run_id, files])
+        count = catalog.replace_slice_from_parquet(con, "scores", files, run_id=run_id)
         sources = [r[0] for r in con.execute("SELECT DISTINCT margin_source FROM read_parquet(?)", [files]).fetchall()]
-        con.execute("DELETE FROM margins WHERE run_id = ? AND margin_source IN (SELECT unnest(?))", [run_id, sources])
-        con.execute(
-            """INSERT INTO margins SELECT ?, pair_id, margin_source, margin, reward_chosen, reward_rejected
-               FROM read_parquet(?)""",
-            [run_id, files],
-        )
-        count = con.execute("SELECT count(*) FROM scores WHERE run_id = ?", [run_id]).fetchall()[0][0]
-        catalog.upsert_run(run_id, con, stage="score", status="scored")
+        for source in sources:
+            catalog.replace_slice_from_parquet(con, "margins", files, MARGIN_COLUMNS, run_id=run_id,
+                                               margin_source=source)
+        catalog.upsert_run(run_id, con, stage="score", status="scored",
+                           **({"config": {"score": record}} if record else {}))
     return int(count)
 
 
@@ -235,7 +232,5 @@ def score_run(catalog: Catalog, run_id: str, models: ScoringModels, options: Sco
     out_dir = scores_dir(catalog.workdir, run_id)
     shutil.rmtree(out_dir, ignore_errors=True)
     parts = score_shard(export_pairs(catalog, run_id), out_dir, models, options, margin_source, progress=progress)
-    count = load_scores(catalog, run_id, parts)
-    catalog.upsert_run(run_id, config={"score": {**options.to_dict(), "margin_source": margin_source,
-                                                 "tokenizer": models.tokenizer_name}})
+    count = load_scores(catalog, run_id, parts, score_record(options, margin_source, models))
     return ScoreResult(run_id, count, margin_source, parts)
