@@ -254,7 +254,7 @@ def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, referen
     e = config.eval
     return evaluate_run(_catalog(config), run_id, policy_path, reference_path, prompts=e.prompts,
                         pairs=e.heldout_pairs, max_new_tokens=e.max_new_tokens, max_length=config.train.max_length,
-                        beta=config.score.beta, seed=e.seed)
+                        beta=config.score.beta, seed=e.seed, task=e.task)
 
 
 # -- report and artifacts (cheap, never cached) ---------------------------------------------

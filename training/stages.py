@@ -96,7 +96,7 @@ def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig,
     return score_tokenized(model, tokens, progress=progress).select(REF_COLUMNS)
 
 
-def _dpo_config(config: TrainConfig, output_dir: Path, beta: float):  # noqa: ANN202 - trl.DPOConfig
+def dpo_config(config: TrainConfig, output_dir: Path, beta: float):  # noqa: ANN202 - trl.DPOConfig
     from trl import DPOConfig
 
     from training.models import pick_device
@@ -168,7 +168,7 @@ def train_stage(
     recorder = MetricsRecorder(stage, objective.name, None if metrics_sink is None else lambda rows: metrics_sink(stage, rows))
     trainer = WinnowDPOTrainer(
         model=policy,
-        args=_dpo_config(config, stage_dir / "trainer", objective.beta),
+        args=dpo_config(config, stage_dir / "trainer", objective.beta),
         train_dataset=Dataset.from_polars(frame.drop("pair_id", strict=False)),
         processing_class=tokenizer,
         peft_config=peft_config,
