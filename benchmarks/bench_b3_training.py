@@ -124,7 +124,7 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
 
 
 def dpo_args(args: argparse.Namespace, out: Path, device: torch.device, precompute: bool) -> DPOConfig:
-    """The stage's DPOConfig (training.stages._dpo_config's fields), logging every step."""
+    """The stage's DPOConfig (training.stages.dpo_config's fields), logging every step."""
     return DPOConfig(
         output_dir=str(out), learning_rate=args.lr, num_train_epochs=1, per_device_train_batch_size=args.batch_size,
         lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=1, max_length=args.max_length,
