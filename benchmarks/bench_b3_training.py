@@ -60,7 +60,7 @@ from curation.score.logprobs import reference_logprobs  # noqa: E402
 from training.models import load_model, load_tokenizer, torch_threads, train_tokenizer  # noqa: E402
 from training.objectives import Objective  # noqa: E402
 from training.sorting import PreferenceSetConfig, generate_preferences  # noqa: E402
-from training.stages import ShardManifest  # noqa: E402
+from curation.manifest import ShardManifest  # noqa: E402
 from training.tokenization import tokenize_pairs  # noqa: E402
 from training.trainer import REF_COLUMNS, WinnowDPOTrainer  # noqa: E402
 
@@ -95,12 +95,12 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
     """(model, tokenizer, shard frame without ref columns, description)."""
     if args.shards:
         manifest = ShardManifest.load(Path(args.shards))
-        entry = next(s for s in manifest.stages if int(s["stage"]) == args.stage)
+        entry = next(s for s in manifest.stages if s.stage == args.stage)
         frame = pl.read_parquet(manifest.shard_path(entry))
         frame = frame.select("prompt", "chosen", "rejected", *[c for c in REF_COLUMNS if c in frame.columns])
-        source = args.model or manifest.reference
+        source = args.model or manifest.reference.model
         model = load_model(source, device=device, dtype=dtype)
-        args.max_length = manifest.max_length
+        args.max_length = manifest.reference.max_length
         return model, load_tokenizer(source), frame, f"curated shard {manifest.shard_path(entry)}, model {source}"
     if args.data == "sorting":
         frame = generate_preferences(PreferenceSetConfig(size=args.pairs, seed=args.seed)).select(
@@ -124,7 +124,7 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) ->
 
 
 def dpo_args(args: argparse.Namespace, out: Path, device: torch.device, precompute: bool) -> DPOConfig:
-    """The stage's DPOConfig (training.stages._dpo_config's fields), logging every step."""
+    """The stage's DPOConfig (training.stages.dpo_config's fields), logging every step."""
     return DPOConfig(
         output_dir=str(out), learning_rate=args.lr, num_train_epochs=1, per_device_train_batch_size=args.batch_size,
         lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=1, max_length=args.max_length,

@@ -156,3 +156,30 @@ def report_tables(catalog: Catalog, run_id: str) -> dict[str, Any]:
 def eval_table(catalog: Catalog, run_id: str) -> pl.DataFrame:
     return catalog.query("SELECT model, metric, round(value, 4) AS value, n FROM evals WHERE run_id = ? ORDER BY 1, 2",
                          [run_id], read_only=False)
+
+
+# -- gym and evaluation
+
+
+
+def pairs_in_source_order(catalog: Catalog, run_id: str,
+                          columns: tuple[str, ...] = ("pair_id", "prompt", "chosen")) -> pl.DataFrame:
+    """A run's pairs in input order (by ``source_row``): the gym warms its reference up on them."""
+    if not set(columns) <= set(PAIR_TEXT_COLUMNS):
+        raise ValueError(f"unknown pair columns {sorted(set(columns) - set(PAIR_TEXT_COLUMNS))}")
+    cols = ", ".join(columns)
+    return catalog.query(f"SELECT {cols} FROM pairs WHERE run_id = ? ORDER BY source_row", [run_id],
+                         read_only=False)
+
+
+def curated_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """Every scored pair of a run with its reference log-probs, margin and curation decision, in input order.
+
+    Columns: pair_id, prompt, chosen, rejected, ref_chosen_logps, ref_rejected_logps, margin,
+    kept, reason, stage. The gym trains its raw-set arms on these and scores the filter's drops.
+    """
+    return catalog.query(
+        """SELECT p.pair_id, p.prompt, p.chosen, p.rejected, s.ref_chosen_logps, s.ref_rejected_logps, s.margin,
+                  d.kept, d.reason, d.stage
+           FROM pairs p JOIN scores s USING (run_id, pair_id) JOIN decisions d USING (run_id, pair_id)
+           WHERE p.run_id = ? ORDER BY p.source_row""", [run_id], read_only=False)

@@ -246,7 +246,8 @@ def run(
     refresh: Refresh = False,
     shards: Annotated[Path | None, typer.Option("--shards", help="For the train flow: a curated run folder.")] = None,
 ) -> None:
-    """Run a flow directly, no server needed; flags override the recipe."""
+    """Run a flow directly, no server needed; flags override the recipe. With no --config and no
+    --source it runs the demo with the demo recipe (flows/recipes/demo.yaml)."""
     overrides = _overrides(sets, sources=list(sources) if sources else None,
                            workdir=str(workdir) if workdir else None, model=model, refresh=refresh or None,
                            **{"train.objective": objective})

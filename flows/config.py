@@ -20,6 +20,7 @@ from training.config import TrainConfig
 from training.models import TinyModelConfig
 
 DEMO_SOURCE = str(Path(__file__).resolve().parents[1] / "data" / "demo" / "pairs.jsonl")
+DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
 TaskRunnerName = Literal["threads", "processes", "dask", "ray"]
 
 
@@ -32,6 +33,7 @@ class EvalConfig(BaseModel):
     heldout_pairs: int = 300
     max_new_tokens: int = 24
     seed: int = 1234
+    task: str = "pairs"  # evaluation task by name (training/eval_tasks): pairs (user data) or sorting (the demo)
 
 
 class PipelineConfig(BaseModel):
@@ -55,6 +57,14 @@ class PipelineConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+        """Defaults < the recipe at `path` < `overrides` (dotted keys).
+
+        With no recipe and no `sources` override the run is the bundled demo, so the demo recipe
+        (flows/recipes/demo.yaml) is the recipe: its settings come with its data, the sorting
+        evaluation task among them.
+        """
+        if path is None and "sources" not in (overrides or {}):
+            path = DEMO_RECIPE
         data: dict[str, Any] = {}
         if path is not None:
             path = Path(path)

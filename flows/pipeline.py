@@ -129,7 +129,8 @@ def _train(steps: _Steps, run_id: str, shard_dir: str, model_path: str) -> dict[
     metrics: dict[str, float] = {}
     if config.eval.enabled:
         metrics = steps.run("evaluate", tasks.evaluate_task, config=config, run_id=run_id,
-                            policy_path=trained["final_model"], reference_path=model_path)
+                            policy_path=trained["final_model"], reference_path=model_path, beta=trained["beta"],
+                            max_length=trained["max_length"])
     return {**trained, "eval": metrics}
 
 

@@ -209,10 +209,11 @@ def _train_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: str) -> dict[str, Any]:
     from curation.manifest import ShardManifest
     from flows.artifacts import TrainingProgress
-    from training.stages import train_stages
+    from training.stages import train_stages, training_lengths
 
     catalog = _catalog(config)
-    total = len(ShardManifest.load(Path(shard_dir)).selected(config.train.max_stages))
+    manifest = ShardManifest.load(Path(shard_dir))
+    total = len(manifest.selected(config.train.max_stages))
     results = train_stages(Path(shard_dir), model_path, train_output_dir(config, run_id, shard_dir, model_path),
                            config.train, metrics_sink=_metrics_sink(catalog, run_id),
                            callbacks=[TrainingProgress(run_id, total)])
@@ -220,7 +221,8 @@ def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: 
     return {"stages": [{"stage": r.stage, "model_dir": str(r.model_dir), "pairs": r.pairs, "objective": r.objective,
                         "resumed": r.resumed, "reference_source": r.reference_source, "train_loss": r.train_loss,
                         "seconds": round(r.seconds, 1)} for r in results],
-            "final_model": str(results[-1].model_dir)}
+            "final_model": str(results[-1].model_dir), "beta": results[-1].beta,
+            "max_length": training_lengths(config.train, manifest).max_length}
 
 
 def _metrics_sink(catalog, run_id: str):  # noqa: ANN001, ANN202
@@ -239,19 +241,23 @@ def _metrics_sink(catalog, run_id: str):  # noqa: ANN001, ANN202
 
 def _eval_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     config: PipelineConfig = parameters["config"]
-    return content_key("evaluate", [_workdir(config), parameters["run_id"], config.eval.model_dump()],
+    settings = [_workdir(config), parameters["run_id"], config.eval.model_dump(), parameters["beta"],
+                parameters["max_length"]]
+    return content_key("evaluate", settings,
                        [parameters["policy_path"], parameters["reference_path"]])
 
 
 @task(name="evaluate", cache_key_fn=_eval_key, **_COMMON)
 @_user_errors_in_one_line
-def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, reference_path: str) -> dict[str, float]:
+def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, reference_path: str, beta: float,
+                  max_length: int | None) -> dict[str, float]:
+    """`beta` and `max_length` are training's (the final stage's objective, the manifest's budget)."""
     from training.run_evaluation import evaluate_run
 
     e = config.eval
     return evaluate_run(_catalog(config), run_id, policy_path, reference_path, prompts=e.prompts,
-                        pairs=e.heldout_pairs, max_new_tokens=e.max_new_tokens, max_length=config.train.max_length,
-                        beta=config.score.beta, seed=e.seed)
+                        pairs=e.heldout_pairs, max_new_tokens=e.max_new_tokens, max_length=max_length,
+                        beta=beta, seed=e.seed, task=e.task)
 
 
 # -- report and artifacts (cheap, never cached) ---------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for training/evaluate.py.
+"""Tests for the training/evaluate package (sampling, metrics, the evaluate() driver).
 
 Metric functions are checked on hand-made numbers; the KL estimator against an exact KL
 computed by enumerating every response of up to two tokens; the whole stage end to end on a
@@ -11,20 +11,19 @@ import json
 import math
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
 from curation.score.logprobs import reference_logprobs
 from curation.store import Catalog
 from training import evaluate as ev
+from training.eval_tasks.sorting import HeldoutSet, heldout_sorting_set
 from training.models import train_tokenizer
 from training.sorting import (
     PreferenceSetConfig,
     generate_preferences,
     gold_reward,
     make_prompt,
-    prompt_numbers,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -68,8 +67,8 @@ def models(tokenizer):  # noqa: ANN001, ANN201
 
 
 @pytest.fixture(scope="module")
-def heldout() -> ev.HeldoutSet:
-    return ev.heldout_sorting_set(24, 30, seed=0)
+def heldout() -> HeldoutSet:
+    return heldout_sorting_set(24, 30, seed=0)
 
 
 # --------------------------------------------------------------------------- gold reward, win rate
@@ -341,34 +340,3 @@ def test_evaluate_end_to_end_all_metrics_and_deterministic(tokenizer, models, he
     rows = first.to_rows("run1", "dpo")
     assert rows.columns == list(ev.EVAL_COLUMNS)
     assert all(isinstance(json.loads(d), dict) for d in rows["details"])
-
-
-# --------------------------------------------------------------------------- held-out data
-
-
-def test_heldout_sorting_set_is_clean_disjoint_and_deterministic() -> None:
-    train = PreferenceSetConfig(size=400, seed=7)
-    held = ev.heldout_sorting_set(40, 50, seed=0, train_config=train)
-    again = ev.heldout_sorting_set(40, 50, seed=0, train_config=train)
-    assert held.prompts == again.prompts and held.pairs.equals(again.pairs)
-    assert len(held.prompts) == 40 and len(set(held.prompts)) == 40
-    assert held.pairs.height == 50
-    # clean pairs with their truth columns
-    assert not held.pairs["is_flipped"].any()
-    assert (held.pairs["gold_chosen"] > held.pairs["gold_rejected"]).all()
-    assert {"is_low_edit", "is_verbose_chosen"} <= set(held.pairs.columns)
-    # disjoint from the training prompts, by their numbers (reordering gives the same answer)
-    train_keys = {ev._number_key(p) for p in generate_preferences(train)["prompt"].to_list()}
-    assert not train_keys & {ev._number_key(p) for p in held.prompts}
-    assert not train_keys & {ev._number_key(p) for p in held.pairs["prompt"].to_list()}
-    # the explicit check does work: excluding prompts replaces them (even in another order)
-    excluded = [make_prompt(sorted(prompt_numbers(p), reverse=True)) for p in held.prompts[:10]]
-    swapped = ev.heldout_sorting_set(40, 50, seed=0, train_config=train, exclude_prompts=excluded)
-    assert len(swapped.prompts) == 40
-    assert not {ev._number_key(p) for p in excluded} & {ev._number_key(p) for p in swapped.prompts}
-    assert swapped.prompts[:30] == held.prompts[10:40]  # the rest of the stream moves up
-    # a smaller set is a prefix of a larger one; another seed gives another set
-    assert ev.heldout_sorting_set(10, 0, seed=0, train_config=train).prompts == held.prompts[:10]
-    other = ev.heldout_sorting_set(40, 50, seed=1, train_config=train)
-    assert other.prompts != held.prompts and not other.pairs.equals(held.pairs)
-    assert isinstance(held.pairs, pl.DataFrame) and ev.heldout_sorting_set(5, 0).pairs.height == 0

@@ -30,7 +30,7 @@ def small_overrides(source: Path, workdir: Path) -> dict:
         "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "sft_steps": 15, "sft_batch_size": 32},
         "train": {"batch_size": 32, "logging_steps": 2},
         "score": {"max_length": 64},
-        "eval": {"prompts": 12, "heldout_pairs": 24, "max_new_tokens": 12},
+        "eval": {"prompts": 12, "heldout_pairs": 24, "max_new_tokens": 12, "task": "sorting"},
     }
 
 

@@ -222,3 +222,39 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="distinct"):
         gym.GymConfig(seeds=(1, 1))
     assert gym.with_overrides(gym.GymConfig(), size=None, label_noise=0.3).label_noise == 0.3
+
+
+# --------------------------------------------------------------------------- the arm registry
+
+
+def test_every_arm_is_registered_with_its_description() -> None:
+    assert gym.ARMS == ("trl-dpo", "winnow-curated", "dpop", "ln-dpo", "minor-dpo", "beta-dpo", "sdpo",
+                        "offline-filter")  # the report's row order
+    for name in gym.ARMS:
+        arm = gym.get_arm(name)
+        assert arm.name == name and callable(arm.train)
+        assert arm.description and arm.description == gym.ARM_DESCRIPTIONS[name]
+    assert set(gym.ARM_DESCRIPTIONS) == {"reference", *gym.ARMS}
+    with pytest.raises(ValueError, match="registered twice"):  # one name, one arm
+        gym.register_arm("dpop", "another DPOP")(lambda run: (Path("."), 0))
+    assert gym.get_arm("dpop").description.startswith("DPOP")
+
+
+def test_an_unknown_arm_fails_in_one_line() -> None:
+    with pytest.raises(ValueError) as err:
+        gym.get_arm("dpo-plus")
+    message = str(err.value)
+    assert "\n" not in message and "'dpo-plus'" in message and all(name in message for name in gym.ARMS)
+    with pytest.raises(ValueError, match=r"unknown gym arm\(s\) \['a', 'b'\]"):
+        gym.GymConfig(arms=("b", "trl-dpo", "a"))
+
+
+def test_gym_and_evaluation_hold_no_sql() -> None:
+    """Catalog reads go through curation/reads.py, writes through Catalog.replace_slice."""
+    root = Path(__file__).resolve().parents[1] / "training"
+    files = [*sorted((root / "gym").glob("*.py")), *sorted((root / "evaluate").glob("*.py")),
+             *sorted((root / "eval_tasks").glob("*.py")), root / "run_evaluation.py"]
+    for path in files:
+        text = path.read_text()
+        for word in ("SELECT ", "INSERT ", "DELETE ", ".execute("):
+            assert word not in text, f"{path.name}: {word.strip()}"

@@ -50,6 +50,7 @@ class StageResult:
     resumed: bool = False
     reference_source: str = ""  # "curation", "recomputed" or "trl"
     train_loss: float | None = None
+    beta: float | None = None  # the objective's (base) beta: evaluation's implicit reward uses it
     seconds: float = 0.0
 
 
@@ -73,7 +74,7 @@ def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig,
     return score_tokenized(model, tokens, progress=progress).select(REF_COLUMNS)
 
 
-def _dpo_config(config: TrainConfig, output_dir: Path, beta: float):  # noqa: ANN202 - trl.DPOConfig
+def dpo_config(config: TrainConfig, output_dir: Path, beta: float):  # noqa: ANN202 - trl.DPOConfig
     from trl import DPOConfig
 
     from training.models import pick_device
@@ -145,7 +146,7 @@ def train_stage(
     recorder = MetricsRecorder(stage, objective.name, None if metrics_sink is None else lambda rows: metrics_sink(stage, rows))
     trainer = WinnowDPOTrainer(
         model=policy,
-        args=_dpo_config(config, stage_dir / "trainer", objective.beta),
+        args=dpo_config(config, stage_dir / "trainer", objective.beta),
         train_dataset=Dataset.from_polars(frame.drop("pair_id", strict=False)),
         processing_class=tokenizer,
         peft_config=peft_config,
@@ -168,7 +169,7 @@ def train_stage(
             merged.save_pretrained(tmp)
     else:
         trainer.save_model(str(tmp))  # collective under FSDP/DeepSpeed; writes on the main process
-    result = StageResult(stage, final, frame.height, objective.name, reference_source=reference_source,
+    result = StageResult(stage, final, frame.height, objective.name, reference_source=reference_source, beta=objective.beta,
                          train_loss=output.training_loss, seconds=time.perf_counter() - started)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(tmp)
@@ -241,7 +242,7 @@ def _completed_stage(stage_dir: Path, fingerprint: str) -> StageResult | None:
         return None
     return StageResult(int(summary["stage"]), stage_dir / "model", int(summary["pairs"]), summary["objective"],
                        resumed=True, reference_source=summary.get("reference_source", ""),
-                       train_loss=summary.get("train_loss"))
+                       train_loss=summary.get("train_loss"), beta=summary.get("beta"))
 
 
 def training_lengths(config: TrainConfig, manifest: ShardManifest) -> TrainingLengths:

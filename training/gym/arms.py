@@ -1,0 +1,217 @@
+"""The gym's arms, as a registry: each arm is a trainer registered under its name with its description.
+
+An arm turns one seed's data into a trained policy under the seed's step budget and says how
+many pairs it trained on. Adding an arm is one registration here (``@register_arm``); the
+config, the runner, the tables and the report pick it up by name. ``ARMS`` lists them in
+registration order (the order of the report's rows).
+
+Every arm starts from the seed's SFT'd reference, with the same batch size, learning rate,
+schedule and training seed; ``ArmRun.counter`` counts the optimizer steps it actually made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from training.gym.budget import epochs_for_steps, split_steps
+from training.gym.prepare import TRAIN_COLUMNS
+
+if TYPE_CHECKING:
+    from training.gym.config import GymConfig
+    from training.gym.prepare import SeedData
+
+
+@dataclass
+class ArmRun:
+    """What an arm's trainer gets."""
+
+    config: GymConfig
+    data: SeedData
+    raw: pl.DataFrame  # the seed's scored raw set: TRAIN_COLUMNS + margin, in input order
+    out: Path  # the arm's own (empty) folder
+    counter: Any  # a TrainerCallback counting optimizer steps; pass it to every Trainer
+
+
+# An arm's trainer: (policy folder, pairs it trained on).
+ArmTrainer = Callable[[ArmRun], tuple[Path, int]]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    description: str  # one line, shown in the report's setup
+    train: ArmTrainer
+
+
+_REGISTRY: dict[str, Arm] = {}
+
+REFERENCE_DESCRIPTION = "the SFT'd start model itself (no preference training)"
+
+
+def register_arm(name: str, description: str) -> Callable[[ArmTrainer], ArmTrainer]:
+    """Register the decorated trainer as arm ``name``."""
+
+    def add(train: ArmTrainer) -> ArmTrainer:
+        if name in _REGISTRY or name == "reference":
+            raise ValueError(f"gym arm {name!r} is registered twice")
+        _REGISTRY[name] = Arm(name, description, train)
+        return train
+
+    return add
+
+
+def check_arms(names: tuple[str, ...] | list[str]) -> None:
+    """Fail in one line on names that are not registered arms."""
+    unknown = sorted(set(names) - set(_REGISTRY))
+    if unknown:
+        raise ValueError(f"unknown gym arm(s) {unknown}; arms: {', '.join(_REGISTRY)}")
+
+
+def get_arm(name: str) -> Arm:
+    check_arms([name])
+    return _REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# The arms, in report order
+
+
+@register_arm("trl-dpo", "TRL DPOTrainer, loss_type sigmoid, raw set")
+def _trl_dpo(run: ArmRun) -> tuple[Path, int]:
+    return _train_trl(run.config, run.data, run.raw.select(TRAIN_COLUMNS), run.out, run.counter), run.raw.height
+
+
+@register_arm("winnow-curated", "rules + beta-guided filter + 2 sDPO stages + advised objective")
+def _winnow_curated(run: ArmRun) -> tuple[Path, int]:
+    return _train_curated(run.config, run.data, run.out, run.counter), run.data.kept_pairs
+
+
+def _preset_arm(name: str, preset: str, description: str) -> None:
+    """An objective preset alone on the raw set, one stage, through WinnowDPOTrainer."""
+
+    def train(run: ArmRun) -> tuple[Path, int]:
+        frames = [run.raw.select(TRAIN_COLUMNS)]
+        return _train_staged(run.config, run.data, frames, preset, run.out, run.counter), run.raw.height
+
+    register_arm(name, description)(train)
+
+
+_preset_arm("dpop", "dpop", "DPOP (lambda 50, beta 0.1), raw set")
+_preset_arm("ln-dpo", "ln-dpo", "LN-DPO (beta 2.0), raw set")
+_preset_arm("minor-dpo", "minor-dpo", "MinorDPO (beta 0.1), raw set")
+_preset_arm("beta-dpo", "beta-dpo", "beta-DPO (beta0 0.1, a 0.6, rho 0.2), raw set")
+
+
+@register_arm("sdpo", "raw set in 2 margin-ordered stages, plain DPO")
+def _sdpo(run: ArmRun) -> tuple[Path, int]:
+    from curation.stage import StageConfig, assign_stages
+
+    raw, k = run.raw, run.config.stages
+    assigned = assign_stages(raw.with_columns(source=pl.lit("gym")), StageConfig(k=k))
+    stages = [raw.join(assigned.filter(pl.col("stage") == i).select("pair_id", "stage_position"), on="pair_id")
+              .sort("stage_position").select(TRAIN_COLUMNS) for i in range(1, k + 1)]
+    return _train_staged(run.config, run.data, stages, "dpo", run.out, run.counter), raw.height
+
+
+@register_arm("offline-filter", "curation's kept pairs (rules + beta filter), one stage, plain DPO")
+def _offline_filter(run: ArmRun) -> tuple[Path, int]:
+    kept = pl.read_parquet(run.data.kept_path)
+    return _train_staged(run.config, run.data, [kept], "dpo", run.out, run.counter), kept.height
+
+
+ARMS: tuple[str, ...] = tuple(_REGISTRY)
+ARM_DESCRIPTIONS: dict[str, str] = {"reference": REFERENCE_DESCRIPTION,
+                                    **{a.name: a.description for a in _REGISTRY.values()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Training paths the arms share
+
+
+def step_counter():  # noqa: ANN202 - a TrainerCallback, defined lazily so importing this module stays light
+    """Counts optimizer steps over one or more Trainer runs (sDPO stages add up)."""
+    from transformers import TrainerCallback
+
+    class StepCounter(TrainerCallback):
+        def __init__(self) -> None:
+            self.steps = 0
+            self.runs: list[int] = []
+
+        def on_train_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001 - TrainerCallback API
+            self.steps += int(state.global_step)
+            self.runs.append(int(state.global_step))
+
+    return StepCounter()
+
+
+def _train_config(config: GymConfig, objective: str, seed: int, epochs: float):  # noqa: ANN202 - TrainConfig
+    from training.config import TrainConfig
+
+    return TrainConfig(objective=objective, learning_rate=config.learning_rate, num_epochs=epochs,
+                       batch_size=config.batch_size, max_length=config.max_length, seed=seed, logging_steps=5)
+
+
+def _train_trl(config: GymConfig, data: SeedData, frame: pl.DataFrame, out: Path, counter: Any) -> Path:
+    """TRL's own DPOTrainer, untouched: loss_type sigmoid, its own reference log-prob pass."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from training.models import load_model, load_tokenizer
+    from training.stages import dpo_config
+
+    tokenizer = load_tokenizer(data.model_path)
+    train_config = _train_config(config, "dpo", data.seed, epochs_for_steps(data.steps, frame.height, config.batch_size))
+    args = dpo_config(train_config, out / "trainer", beta=0.1)
+    if list(args.loss_type) != ["sigmoid"]:
+        raise RuntimeError(f"TRL's default loss is not sigmoid here: {args.loss_type}")
+    trainer = DPOTrainer(model=load_model(data.model_path), args=args,
+                         train_dataset=Dataset.from_polars(frame.select("prompt", "chosen", "rejected")),
+                         processing_class=tokenizer, callbacks=[counter])
+    trainer.train()
+    final = out / "model"
+    trainer.model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    return final
+
+
+def _train_staged(config: GymConfig, data: SeedData, stages: list[pl.DataFrame], objective: str, out: Path,
+                  counter: Any) -> Path:
+    """sDPO as training.stages.train_stages runs it (stage k against stage k-1's model), with the
+    step budget split over the stages exactly; stage 1 reuses the curated reference log-probs."""
+    from training.stages import train_stage
+
+    steps = split_steps(data.steps, [s.height for s in stages])
+    current: str | Path = data.model_path
+    for k, (frame, n_steps) in enumerate(zip(stages, steps, strict=True), start=1):
+        train_config = _train_config(config, objective, data.seed,
+                                     epochs_for_steps(n_steps, frame.height, config.batch_size))
+        result = train_stage(k, frame, current, out / f"stage-{k}", train_config, None,
+                             reference_source="curation" if k == 1 else "recomputed", callbacks=[counter],
+                             progress=False)
+        current = result.model_dir
+    return Path(current)
+
+
+def _train_curated(config: GymConfig, data: SeedData, out: Path, counter: Any) -> Path:
+    """The pipeline path: curated shards through train_stages with objective auto (the advice).
+
+    train_stages takes one TrainConfig for all stages, so each stage gets ``budget // stages``
+    steps (its epochs set from the largest stage; curation splits evenly): never more than the
+    budget, at most ``stages - 1`` steps less.
+    """
+    from curation.manifest import ShardManifest
+    from training.stages import train_stages
+
+    manifest = ShardManifest.load(data.shard_dir)
+    sizes = [s.rows for s in manifest.stages]
+    per_stage = max(1, data.steps // len(sizes))
+    epochs = epochs_for_steps(per_stage, max(sizes), config.batch_size)
+    results = train_stages(data.shard_dir, data.model_path, out, _train_config(config, "auto", data.seed, epochs),
+                           callbacks=[counter], progress=False)
+    return Path(results[-1].model_dir)
+
