@@ -19,6 +19,7 @@ from curation.errors import WinnowError
 from curation.ingest import IngestOptions
 from curation.schema import Format
 from curation.score.scoring import ScoreOptions
+from training.config import TrainConfig
 
 app = typer.Typer(
     name="winnow",
@@ -30,6 +31,8 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+DEFAULT_MODEL = "winnow-tiny"  # training.models.DEFAULT_MODEL, restated so `winnow query` need not import torch
+MODEL_HELP = "Reference/start model: winnow-tiny (built locally from the run's pairs), a local path or a hub id."
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace holding catalog.duckdb and run folders.")]
 DEFAULT_WORKDIR = Path("runs")
 
@@ -104,7 +107,7 @@ def _latest_run(workdir: Path) -> str:
 def score(
     run_id: Annotated[str | None, typer.Argument(help="Run to score; default: the latest run.")] = None,
     workdir: Workdir = DEFAULT_WORKDIR,
-    model: Annotated[str, typer.Option(help="Training model: winnow-tiny (built locally), a path or hub id.")] = "winnow-tiny",
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = DEFAULT_MODEL,
     margin: Annotated[str, typer.Option(help=help_of(ScoreOptions, "margin"))] = default_of(ScoreOptions, "margin"),
     reward_model: Annotated[str | None, typer.Option(help="AutoModelForSequenceClassification path (margin reward-model).")] = None,
     policy: Annotated[str | None, typer.Option(help="Trained policy path (margin policy).")] = None,
@@ -163,7 +166,7 @@ def curate(
     recipe: Recipe = None,
     sets: Sets = None,
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
-    model: Annotated[str | None, typer.Option(help="winnow-tiny, a path or a hub id.")] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     task_runner: Runner = None,
     refresh: Refresh = False,
 ) -> None:
@@ -205,7 +208,7 @@ def report(
 @app.command()
 def train(
     shards: Annotated[Path, typer.Option("--shards", help="A curated run folder (or its shards/ folder).")],
-    objective: Annotated[str | None, typer.Option(help="auto (follow the advice), dpo, dpop, ln-dpo, minor-dpo, beta-dpo.")] = None,
+    objective: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "objective"))] = None,
     recipe: Recipe = None,
     sets: Sets = None,
     model: Annotated[str | None, typer.Option(help="Start/reference model; default: the one curation scored with.")] = None,
@@ -240,8 +243,8 @@ def run(
     sets: Sets = None,
     sources: Annotated[list[str] | None, typer.Option("--source", help="Input source (repeatable); default: the demo.")] = None,
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
-    objective: Annotated[str | None, typer.Option(help="Training objective, or auto.")] = None,
-    model: Annotated[str | None, typer.Option(help="winnow-tiny, a path or a hub id.")] = None,
+    objective: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "objective"))] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     task_runner: Runner = None,
     refresh: Refresh = False,
     shards: Annotated[Path | None, typer.Option("--shards", help="For the train flow: a curated run folder.")] = None,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from curation.config_fields import setting
-from training.objectives import PRESETS, Objective
+
+if TYPE_CHECKING:
+    from training.objectives import Objective
 
 
 @dataclass
@@ -42,6 +44,8 @@ class TrainConfig:
 
 def resolve_objective(config: TrainConfig, advice: dict[str, Any] | None) -> Objective:
     """`auto` follows the curation advice (plain DPO when there is none); overrides always win."""
+    from training.objectives import PRESETS, Objective  # torch: imported when training, not for `--help`
+
     if config.objective == "auto":
         name = (advice or {}).get("objective") or "dpo"
         params = dict((advice or {}).get("params") or {})
