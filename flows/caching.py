@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -65,8 +64,3 @@ def retry_on_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect
     except BaseException as exc:  # noqa: BLE001 - we only classify it
         return is_transient(exc)
     return False
-
-
-def env_flag(name: str) -> str | None:
-    value = os.environ.get(name)
-    return value.strip() if value else None

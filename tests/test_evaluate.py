@@ -15,7 +15,7 @@ import polars as pl
 import pytest
 import torch
 
-from curation.score.logprobs import reference_logprobs
+from curation.lm.logprobs import reference_logprobs
 from curation.store import Catalog
 from training import evaluate as ev
 from training.models import train_tokenizer

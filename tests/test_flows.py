@@ -49,6 +49,9 @@ def prefect_api():
     """One throwaway Prefect API for the module instead of a temporary server per flow run."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.prefect_env import configure_prefect
+
+    configure_prefect()  # as the CLI does (importing flows sets nothing)
     os.environ["WINNOW_NO_PROGRESS"] = "1"
     with prefect_test_harness(server_startup_timeout=120):
         yield

@@ -17,7 +17,7 @@ pairs, and report:
 * ``kl`` and ``kl_se``: a Monte-Carlo estimate of KL(pi || ref) over whole responses, with
   its standard error (see :func:`kl_estimate` for how the samples are drawn).
 
-Log-probs come from :mod:`curation.score.logprobs` (the same numbers TRL's DPO computes), so
+Log-probs come from :mod:`curation.lm.logprobs` (the same numbers TRL's DPO computes), so
 pair metrics here line up with the training logs. This module is a plain library: no Prefect.
 """
 
@@ -35,7 +35,8 @@ import polars as pl
 import torch
 
 from curation.jsonable import json_safe
-from curation.score.logprobs import reference_logprobs, score_tokenized
+from curation.lm.logprobs import reference_logprobs, score_tokenized
+from curation.lm.tokenization import TokenizedPairs, tokenize_pairs
 from training.sorting import (
     PreferenceSetConfig,
     generate_preferences,
@@ -43,7 +44,6 @@ from training.sorting import (
     prompt_numbers,
     sample_prompts,
 )
-from training.tokenization import TokenizedPairs, tokenize_pairs
 
 GoldReward = Callable[[str, str], float]
 
@@ -231,7 +231,7 @@ def sample_responses(
 
 
 # --------------------------------------------------------------------------------------------------
-# Log-probs (the forward lives in curation.score.logprobs; nothing is re-implemented here)
+# Log-probs (the forward lives in curation.lm.logprobs; nothing is re-implemented here)
 
 
 def _single_sequence(tp: TokenizedPairs) -> TokenizedPairs:
@@ -280,7 +280,7 @@ def sequence_logps(
     """Summed log-prob of each response given its prompt, tokenised and truncated as TRL's DPO does.
 
     The eos token is appended to each response (as TRL does), so a value equals the
-    ``ref_chosen_logps`` that :func:`curation.score.logprobs.reference_logprobs` gives for a
+    ``ref_chosen_logps`` that :func:`curation.lm.logprobs.reference_logprobs` gives for a
     pair with that response as chosen. NaN where TRL would drop the pair (prompt fills max_length).
     """
     responses = list(responses)

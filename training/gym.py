@@ -293,10 +293,11 @@ def prepare_seed(config: GymConfig, seed: int, workdir: Path, heldout_dir: Path)
 
     from curation.decide import CurateConfig, curate
     from curation.ingest import ingest
+    from curation.lm.loading import load_model, load_tokenizer, torch_threads
     from curation.score.scoring import ScoreOptions, ScoringModels, score_run
     from curation.stage import StageConfig
     from curation.store import Catalog
-    from training.models import build_default_model, load_model, load_tokenizer, torch_threads
+    from training.models import build_default_model
 
     seconds: dict[str, float] = {}
     out = _seed_dir(workdir, seed)
@@ -402,7 +403,7 @@ def _train_trl(config: GymConfig, data: SeedData, frame: pl.DataFrame, out: Path
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from training.models import load_model, load_tokenizer
+    from curation.lm.loading import load_model, load_tokenizer
     from training.stages import _dpo_config
 
     tokenizer = load_tokenizer(data.model_path)
@@ -460,8 +461,8 @@ def train_arm(config: GymConfig, data: SeedData, arm: str, heldout_dir: Path) ->
     """Train one arm of one seed, evaluate it; returns its metrics and its `evals` rows."""
     import torch
 
+    from curation.lm.loading import load_model, load_tokenizer, torch_threads
     from curation.stage import StageConfig, assign_stages
-    from training.models import load_model, load_tokenizer, torch_threads
 
     out = data.dir / "arms" / arm
     shutil.rmtree(out, ignore_errors=True)  # train_stages would resume an earlier run's completed stages

@@ -34,8 +34,8 @@ def evaluation_data(catalog, run_id: str, prompts: int, pairs: int, seed: int) -
 def evaluate_run(catalog, run_id: str, policy_path: str, reference_path: str, *, prompts: int = 200,  # noqa: ANN001
                  pairs: int = 300, max_new_tokens: int = 24, max_length: int | None = 128, beta: float = 0.1,
                  seed: int = 1234, progress: bool = True) -> dict[str, Any]:
+    from curation.lm.loading import load_model, load_tokenizer
     from training.evaluate import evaluate, write_evals
-    from training.models import load_model, load_tokenizer
 
     eval_prompts, eval_pairs, heldout = evaluation_data(catalog, run_id, prompts, pairs, seed)
     tokenizer = load_tokenizer(reference_path)
