@@ -182,8 +182,8 @@ def _rss_mb() -> float:
 def child_ours(args: argparse.Namespace) -> dict:
     import curation.score.scoring as scoring
     from curation.ingest import IngestOptions, ingest
+    from curation.lm.loading import load_tokenizer
     from curation.store import Catalog
-    from training.models import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     phases: dict[str, float] = {}
@@ -224,7 +224,7 @@ def child_kernels(args: argparse.Namespace) -> dict:
     from rapidfuzz import process
     from rapidfuzz.distance import Levenshtein
 
-    from training.models import load_tokenizer
+    from curation.lm.loading import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     rss_before = _rss_mb()

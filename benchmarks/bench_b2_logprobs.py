@@ -47,8 +47,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from benchmarks.common import describe_machine  # noqa: E402
-from curation.score.logprobs import score_tokenized  # noqa: E402
-from training.tokenization import tokenize_pairs  # noqa: E402
+from curation.lm.logprobs import score_tokenized  # noqa: E402
+from curation.lm.tokenization import tokenize_pairs  # noqa: E402
 
 datasets.disable_progress_bars()
 transformers.logging.set_verbosity_error()

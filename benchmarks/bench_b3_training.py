@@ -56,12 +56,13 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback  # n
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from benchmarks.common import describe_machine  # noqa: E402
-from curation.score.logprobs import reference_logprobs  # noqa: E402
-from training.models import load_model, load_tokenizer, torch_threads, train_tokenizer  # noqa: E402
+from curation.lm.loading import load_model, load_tokenizer, torch_threads  # noqa: E402
+from curation.lm.logprobs import reference_logprobs  # noqa: E402
+from curation.lm.tokenization import tokenize_pairs  # noqa: E402
+from curation.manifest import ShardManifest  # noqa: E402
+from training.models import train_tokenizer  # noqa: E402
 from training.objectives import Objective  # noqa: E402
 from training.sorting import PreferenceSetConfig, generate_preferences  # noqa: E402
-from curation.manifest import ShardManifest  # noqa: E402
-from training.tokenization import tokenize_pairs  # noqa: E402
 from training.trainer import REF_COLUMNS, WinnowDPOTrainer  # noqa: E402
 
 datasets.disable_progress_bars()

@@ -22,11 +22,11 @@ from curation.beta_filter import BetaFilterConfig, BetaFilterResult, beta_filter
 from curation.errors import WinnowError
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules
 from curation.jsonable import json_safe
-from curation.schema import DecisionReason
 from curation.manifest import ReferenceInfo, ShardManifest, StageShard
+from curation.reads import WHY_SQL, run_config, scored_pairs, why
+from curation.schema import DecisionReason
 from curation.shard import ShardSet, write_shards
 from curation.stage import StageConfig, assign_stages, placement_details, stage_summary
-from curation.reads import WHY_SQL, run_config, scored_pairs, why
 from curation.store import Catalog
 
 __all__ = ["WHY_SQL", "CurateConfig", "CurateResult", "curate", "run_dir", "why"]

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
+from curation.env import environment
+
 
 def progress_enabled(requested: bool = True) -> bool:
-    return requested and not os.environ.get("WINNOW_NO_PROGRESS") and not os.environ.get("TQDM_DISABLE")
+    return requested and not environment().progress_disabled
 
 
 @contextmanager

@@ -7,7 +7,6 @@ crash leaves the previous state and a re-run never duplicates rows.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from curation.env import environment
 from curation.errors import WinnowError
 
 DEFAULT_WORKDIR = Path("runs")
@@ -333,9 +333,7 @@ class Catalog:
 
 # DuckDB's default memory limit is 80% of RAM, and it keeps the staged run there when it
 # can: a 1M-pair ingest grew past 10 GB. With a limit it spills staging, sorts and joins to
-# `<catalog>.tmp` instead, so memory stays flat in the number of pairs.
-MEMORY_LIMIT_ENV = "WINNOW_DUCKDB_MEMORY"
-DEFAULT_MEMORY_LIMIT = "1GB"
+# `<catalog>.tmp` instead, so memory stays flat in the number of pairs (the cap: curation.env).
 
 
 @contextmanager
@@ -347,7 +345,7 @@ def bounded_memory(con: duckdb.DuckDBPyConnection, threads: int | None = None) -
     belong to the database instance, which other connections of this process may share,
     hence the restore.
     """
-    limit = os.environ.get(MEMORY_LIMIT_ENV, DEFAULT_MEMORY_LIMIT).strip().replace("'", "")
+    limit = environment().duckdb_memory
     previous = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()[0]
     con.execute(f"SET memory_limit = '{limit}'")
     if threads:

@@ -116,10 +116,11 @@ def score(
     reference: Annotated[bool, typer.Option(help="Compute reference log-probs (reused by training).")] = True,
 ) -> None:
     """Score a run's pairs: edit distances, lengths, reward margin, reference log-probs."""
+    from curation.lm.loading import load_model, load_tokenizer
     from curation.reads import run_pair_texts, score_summary
     from curation.score.scoring import ScoringModels, score_run
     from curation.store import Catalog
-    from training.models import load_model, load_tokenizer, resolve_model
+    from training.models import resolve_model
 
     catalog = Catalog(workdir)
     run_id = run_id or _latest_run(workdir)
@@ -316,6 +317,9 @@ def gym(
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
+    from flows.prefect_env import configure_prefect
+
+    configure_prefect()  # before any command imports Prefect
     message, code = None, 0
     try:
         app()

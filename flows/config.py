@@ -25,7 +25,7 @@ TaskRunnerName = Literal["threads", "processes", "dask", "ray"]
 
 
 class EvalConfig(BaseModel):
-    """Held-out evaluation after training (see training/evaluate.py)."""
+    """Held-out evaluation after training (see training/evaluate/ and training/eval_tasks/)."""
 
     model_config = ConfigDict(extra="forbid")
     enabled: bool = True

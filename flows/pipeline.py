@@ -8,7 +8,6 @@ chosen task runner; everything else runs in order, each step cached by its input
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +15,12 @@ from prefect import flow, get_run_logger
 from prefect.futures import wait
 from prefect.states import State
 
+from curation.env import environment
 from curation.errors import WinnowError
 from curation.manifest import ShardManifest, find_shard_folder
 from flows import tasks
 from flows.config import PipelineConfig
+from flows.prefect_env import configure_prefect
 from training.models import DEFAULT_MODEL
 
 FAIL_AFTER_ENV = "WINNOW_FAIL_AFTER"  # testing aid: raise after the named step, to exercise resume
@@ -38,8 +39,12 @@ class _NoTracebackForUserErrors(logging.Filter):
         return True
 
 
-for _name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
-    logging.getLogger(_name).addFilter(_NoTracebackForUserErrors())
+def quiet_user_errors() -> None:
+    """Keep WinnowError tracebacks out of Prefect's run logs; called when a flow runs, idempotent."""
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.task_engine", "prefect.flow_engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTracebackForUserErrors) for f in logger.filters):
+            logger.addFilter(_NoTracebackForUserErrors())
 
 
 def make_task_runner(name: str, workers: int = 2):  # noqa: ANN201 - a Prefect TaskRunner
@@ -74,7 +79,7 @@ class _Steps:
         self.config = config
         self.storage = Path(config.workdir).resolve() / ".prefect-results"
         self.cached: list[str] = []
-        self.fail_after = os.environ.get(FAIL_AFTER_ENV)
+        self.fail_after = environment().fail_after
 
     def _prepare(self, task_fn):  # noqa: ANN001, ANN202
         return task_fn.with_options(result_storage=self.storage, refresh_cache=self.config.refresh or None)
@@ -144,6 +149,7 @@ def _finish(steps: _Steps, summary: dict[str, Any]) -> dict[str, Any]:
 @flow(name="curate")
 def curate_flow(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ingest, score, filter, stage and shard; publishes the decision table and report."""
+    quiet_user_errors()
     steps = _Steps(PipelineConfig.load(recipe, overrides))
     summary = _curate(steps)
     get_run_logger().info("curated run %s: kept %s of %s pairs", summary["run_id"], summary["kept"], summary["pairs"])
@@ -153,6 +159,7 @@ def curate_flow(recipe: str | None = None, overrides: dict[str, Any] | None = No
 @flow(name="train")
 def train_flow(shards: str, recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train every stage of a curated shard folder (a run folder or its shards/ folder)."""
+    quiet_user_errors()
     config = PipelineConfig.load(recipe, overrides)
     steps = _Steps(config)
     shard_dir = find_shard_folder(shards)
@@ -167,6 +174,7 @@ def train_flow(shards: str, recipe: str | None = None, overrides: dict[str, Any]
 @flow(name="curate-and-train")
 def curate_and_train_flow(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole pipeline on the configured sources (the bundled demo by default)."""
+    quiet_user_errors()
     steps = _Steps(PipelineConfig.load(recipe, overrides))
     summary = _curate(steps)
     summary.update(_train(steps, summary["run_id"], summary["shard_dir"], summary["model_path"]))
@@ -182,6 +190,7 @@ FLOWS = {"curate": curate_flow, "train": train_flow, "curate-and-train": curate_
 def run_flow(name: str, recipe: str | None, overrides: dict[str, Any], task_runner: str | None = None,
              **params: Any) -> dict[str, Any]:
     """Run a flow directly (no server needed: Prefect starts a temporary local API)."""
+    configure_prefect()  # before Prefect starts that API
     if name not in FLOWS:
         raise WinnowError(f"unknown flow {name!r}; flows: {', '.join(FLOWS)}")
     config = PipelineConfig.load(recipe, overrides)  # bad settings or paths fail here, in one line
@@ -190,4 +199,5 @@ def run_flow(name: str, recipe: str | None, overrides: dict[str, Any], task_runn
 
         resolve_sources(config.sources)
     runner = make_task_runner(task_runner or config.task_runner, workers=max(2, min(config.score_shards, 8)))
+    quiet_user_errors()
     return FLOWS[name].with_options(task_runner=runner)(recipe=recipe, overrides=overrides, **params)

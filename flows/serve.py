@@ -56,6 +56,9 @@ def build_deployments(recipe: str | None = None, cron: str | None = None) -> lis
 
 
 def serve_deployments(recipe: str | None = None, cron: str | None = None) -> None:
+    from flows.prefect_env import configure_prefect
+
+    configure_prefect()
     from prefect import serve
 
     serve(*build_deployments(recipe, cron))

@@ -131,8 +131,8 @@ _LOAD_LOCK = threading.Lock()
 
 
 def scoring_models(model_path: str, reference: bool = True):  # noqa: ANN201
+    from curation.lm.loading import load_model, load_tokenizer
     from curation.score.scoring import ScoringModels
-    from training.models import load_model, load_tokenizer
 
     with _LOAD_LOCK:
         tokenizer = load_tokenizer(model_path)

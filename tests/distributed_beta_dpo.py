@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import training.objectives as objectives  # noqa: E402
-from training.models import load_model, load_tokenizer  # noqa: E402
+from curation.lm.loading import load_model, load_tokenizer  # noqa: E402
 from training.objectives import Objective  # noqa: E402
 from training.trainer import MetricsRecorder, WinnowDPOTrainer  # noqa: E402
 

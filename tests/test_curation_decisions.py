@@ -22,8 +22,8 @@ from curation.advice import AdviceConfig, advise
 from curation.beta_filter import BetaFilterConfig, beta_filter, kept_count, sample_keep
 from curation.decide import WHY_SQL, CurateConfig, curate, why
 from curation.errors import WinnowError
-from curation.manifest import MANIFEST_FORMAT, ShardManifest
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules, resolve_threshold
+from curation.manifest import MANIFEST_FORMAT, ShardManifest
 from curation.report import PLOTS, build_report
 from curation.shard import sha256_file
 from curation.stage import StageConfig, assign_stages

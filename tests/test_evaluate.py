@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from curation.score.logprobs import reference_logprobs
+from curation.lm.logprobs import reference_logprobs
 from curation.store import Catalog
 from training import evaluate as ev
 from training.eval_tasks.sorting import HeldoutSet, heldout_sorting_set

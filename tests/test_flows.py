@@ -49,6 +49,9 @@ def prefect_api():
     """One throwaway Prefect API for the module instead of a temporary server per flow run."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.prefect_env import configure_prefect
+
+    configure_prefect()  # as the CLI does (importing flows sets nothing)
     os.environ["WINNOW_NO_PROGRESS"] = "1"
     with prefect_test_harness(server_startup_timeout=120):
         yield
@@ -207,6 +210,8 @@ def test_recipes_load(tmp_path: Path) -> None:
 
 def test_settings_have_one_owner() -> None:
     """Defaults are stated once: TRL's max_length for user data, and the CLI reads the library's fields."""
+    import dataclasses
+
     from trl import DPOConfig
 
     from curation.config_fields import default_of
@@ -214,8 +219,6 @@ def test_settings_have_one_owner() -> None:
     from curation.score.scoring import ScoreOptions
     from flows.cli import app
     from flows.config import PipelineConfig
-
-    import dataclasses
 
     trl_default = {f.name: f.default for f in dataclasses.fields(DPOConfig)}["max_length"]
     assert ScoreOptions().max_length == trl_default == 1024

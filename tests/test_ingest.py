@@ -186,6 +186,58 @@ def test_hub_source_unreachable_is_one_line(tmp_path: Path, monkeypatch: pytest.
     assert "\n" not in str(info.value)
 
 
+def _cache_hub_dataset(cache: Path, repo_id: str, rows: list[dict]) -> None:
+    """Lay out ``rows`` in a `datasets` cache as a prepared download of hub dataset ``repo_id`` would be."""
+    import shutil
+
+    from datasets.packaged_modules.json.json import Json
+
+    name = repo_id.split("/")[-1]
+    data = write_jsonl(cache.parent / f"{name}.jsonl", rows)
+    builder = Json(cache_dir=str(cache.parent / "build"), dataset_name=name, data_files={"train": str(data)},
+                   hash="0123abcd")
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)
+    dest = cache / repo_id.replace("/", "___") / "default" / built.parent.name / built.name
+    shutil.copytree(built, dest)
+    info = json.loads((dest / "dataset_info.json").read_text())
+    (dest / "dataset_info.json").write_text(json.dumps({**info, "config_name": "default"}))
+
+
+def test_hub_source_offline_reads_the_local_cache_without_flipping_offline_switches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline, a cached hub dataset loads per call: no library's global offline switch is touched."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+    from datasets.packaged_modules.cache.cache import Cache
+
+    cache = tmp_path / "datasets-cache"
+    _cache_hub_dataset(cache, "someone/tiny-prefs", GOOD)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # Winnow's knob says offline; the libraries' switches say online
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    before = (False, False)
+    seen = []
+    prepare = Cache.download_and_prepare
+
+    def spy(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append((hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+        return prepare(self, *args, **kwargs)
+
+    def no_load_dataset(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("offline, the cache is read directly, not through load_dataset")
+
+    monkeypatch.setattr(Cache, "download_and_prepare", spy)
+    monkeypatch.setattr(datasets, "load_dataset", no_load_dataset)
+    result, catalog = run(tmp_path, "hf:someone/tiny-prefs")
+    assert result.pairs == 3
+    assert sorted(catalog.query("SELECT prompt FROM pairs")["prompt"]) == sorted(g["prompt"] for g in GOOD)
+    assert seen == [before], "the offline switches are the same during the load"
+    assert (hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE) == before
+
+
 # -- reason codes -------------------------------------------------------------------------
 
 

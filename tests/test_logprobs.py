@@ -21,8 +21,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from curation.score.logprobs import COLUMNS, reference_logprobs, score_tokenized  # noqa: E402
-from training.tokenization import TokenizedPairs, tokenize_pairs  # noqa: E402
+from curation.lm.logprobs import COLUMNS, reference_logprobs, score_tokenized  # noqa: E402
+from curation.lm.tokenization import TokenizedPairs, tokenize_pairs  # noqa: E402
 
 EOS = "</s>"
 PAIRS = [
@@ -201,7 +201,7 @@ def test_tokenize_pairs_boundary_merge_and_eos(tokenizer):
 
 def test_direct_rust_encoding_gives_the_wrapper_ids(tokenizer):
     """tokenize_pairs calls the Rust backend directly (no masks): the ids must be tokenizer(text)'s."""
-    from training.tokenization import _batch_ids, _rust_backend
+    from curation.lm.tokenization import _batch_ids, _rust_backend
 
     texts = [t for pair in PAIRS for t in pair] + [f"a literal {EOS} inside", "<s> twice <s>", ""]
     assert _rust_backend(tokenizer) is not None
@@ -219,6 +219,35 @@ def test_direct_rust_encoding_gives_the_wrapper_ids(tokenizer):
         assert _batch_ids(tokenizer, texts) == [tokenizer(text=t)["input_ids"] for t in texts]
     finally:
         tokenizer.backend_tokenizer.no_truncation()
+
+
+def _backend_state(tokenizer) -> tuple:
+    backend = tokenizer.backend_tokenizer
+    return backend.encode_special_tokens, backend.truncation, backend.padding, tokenizer.split_special_tokens
+
+
+@pytest.mark.parametrize("left_behind", ["nothing", "special_tokens", "truncation", "padding"])
+def test_tokenize_pairs_leaves_the_tokenizer_as_it_was(tokenizer, trl_runs, left_behind):
+    """Whatever state the caller's backend is in, tokenize_pairs changes none of it and gives TRL's ids."""
+    backend = tokenizer.backend_tokenizer
+    if left_behind == "special_tokens":  # differs from what tokenizer(...) would set (split_special_tokens)
+        backend.encode_special_tokens = True
+    elif left_behind == "truncation":
+        backend.enable_truncation(max_length=4)
+    elif left_behind == "padding":
+        backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token, length=40)
+    try:
+        before = _backend_state(tokenizer)
+        tp = tokenize_pairs(tokenizer, *_columns())
+        assert _backend_state(tokenizer) == before
+        trl_ds, _ = trl_runs[(None, "keep_start")]
+        assert tp.prompt_ids == trl_ds["prompt_ids"]
+        assert tp.chosen_ids == trl_ds["chosen_ids"]
+        assert tp.rejected_ids == trl_ds["rejected_ids"]
+    finally:
+        backend.encode_special_tokens = False
+        backend.no_truncation()
+        backend.no_padding()
 
 
 def test_tokenize_pairs_rejects_conversational_and_bad_input(tokenizer):
@@ -367,3 +396,56 @@ def test_empty_second_side_and_empty_rows(tokenizer, model, layout):
     ).all()
     empty = score_tokenized(model, TokenizedPairs([[]], [[]], [[]]), progress=False, layout=layout)
     assert empty["ref_chosen_logps"].to_list() == [0.0] and empty["chosen_tokens"].to_list() == [0]
+
+
+def _attention_state(model) -> tuple[dict, dict, list]:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    configs = [(m.config, m.config._attn_implementation) for m in model.modules() if hasattr(m, "config")]
+    return dict(ALL_ATTENTION_FUNCTIONS), dict(AttentionInterface._global_mapping), configs
+
+
+def test_packed_scoring_leaves_no_global_or_model_state(tokenizer, model):
+    """The packed layout's attention is registered, and the model switched to it, only during the call."""
+    from curation.lm.packed_attention import NAME
+
+    tp = tokenize_pairs(tokenizer, *_columns())
+    registry, global_mapping, configs = _attention_state(model)
+    config_dict = model.config.to_dict()
+    during = []
+    hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args: during.append(module.config._attn_implementation)
+    )
+    try:
+        packed = score_tokenized(model, tp, progress=False, layout="packed", batch_tokens=64)
+    finally:
+        hook.remove()
+    assert during and set(during) == {NAME}, "the packed attention ran"
+    after_registry, after_global, after_configs = _attention_state(model)
+    assert NAME not in after_registry
+    assert after_registry == registry and after_global == global_mapping
+    assert after_configs == configs and all(impl == "sdpa" for _, impl in configs)
+    assert model.config.to_dict() == config_dict
+    padded = score_tokenized(model, tp, progress=False, layout="padded", batch_tokens=64)
+    want_c, want_r = _direct(model, tp)
+    np.testing.assert_allclose(packed["ref_chosen_logps"].to_numpy(), want_c, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(packed["ref_rejected_logps"].to_numpy(), want_r, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(packed["ref_chosen_logps"].to_numpy(), padded["ref_chosen_logps"].to_numpy(), atol=1e-5)
+
+
+def test_concurrent_packed_scorers_share_the_registration(tokenizer):
+    """Two threads scoring packed at once: neither removes the attention function under the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from curation.lm.packed_attention import NAME
+
+    tp = tokenize_pairs(tokenizer, *_columns())
+    models = [_model(tokenizer) for _ in range(4)]  # one model per call: a model runs one call at a time
+    registry = _attention_state(models[0])[0]
+    with ThreadPoolExecutor(2) as pool:
+        frames = list(pool.map(lambda m: score_tokenized(m, tp, progress=False, layout="packed", batch_tokens=32),
+                               models))
+    assert all(f.equals(frames[0]) for f in frames)
+    assert NAME not in _attention_state(models[0])[0] and _attention_state(models[0])[0] == registry
+    assert all(m.config._attn_implementation == "sdpa" for m in models)

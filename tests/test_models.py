@@ -1,4 +1,5 @@
-"""Tests for training/models.py: local tokenizer, tiny default model build + cache, offline loading."""
+"""Tests for training/models.py (local tokenizer, tiny default model build + cache) and
+curation/lm/loading.py (offline loading, devices)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from curation.lm.loading import ModelNotFoundError, load_model, load_tokenizer, pick_device
 from training import models
 from training.models import (
     SFT_HISTORY_FILE,
-    ModelNotFoundError,
     TinyModelConfig,
     build_default_model,
-    load_model,
-    load_tokenizer,
-    pick_device,
     resolve_model,
     train_tokenizer,
 )
@@ -246,6 +244,37 @@ def test_missing_model_is_a_clear_one_line_error(loader, name: str) -> None:  # 
     chained = info.value.__cause__ or (None if info.value.__suppress_context__ else info.value.__context__)
     assert chained is None, "no chained network traceback"
     assert time.perf_counter() - started < 15
+
+
+def test_missing_model_is_a_winnow_error_the_cli_prints_as_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`winnow score --model <missing path>`: exit code 2 and one line on stderr, no traceback."""
+    import sys
+
+    from curation.errors import WinnowError
+    from curation.ingest import IngestOptions, ingest
+    from curation.store import Catalog
+    from flows import cli
+    from flows.prefect_env import PREFECT_DEFAULTS
+
+    assert issubclass(ModelNotFoundError, WinnowError) and issubclass(ModelNotFoundError, ValueError)
+    data = tmp_path / "pairs.jsonl"
+    prompts, responses = sorting_pairs(4, seed=3)
+    data.write_text("".join(json.dumps({"prompt": p, "chosen": r, "rejected": r + " 9"}) + "\n"
+                            for p, r in zip(prompts, responses, strict=True)))
+    workdir = tmp_path / "ws"
+    run_id = ingest([str(data)], Catalog(workdir), IngestOptions(), progress=False).run_id
+    for name, value in PREFECT_DEFAULTS.items():  # main() sets them; keep this process's environment as it was
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    missing = "/nonexistent/winnow/model"
+    monkeypatch.setattr(sys, "argv", ["winnow", "score", run_id, "--workdir", str(workdir), "--model", missing])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error:") and missing in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("loader", [load_model, load_tokenizer])

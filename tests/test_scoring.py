@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from curation.errors import WinnowError  # noqa: E402
 from curation.ingest import IngestOptions, ingest  # noqa: E402
+from curation.lm.tokenization import TokenizedPairs  # noqa: E402
 from curation.score.features import text_features, token_features  # noqa: E402
 from curation.score.margins import reward_model_margin  # noqa: E402
 from curation.score.scoring import (  # noqa: E402
@@ -40,7 +41,6 @@ from curation.score.scoring import (  # noqa: E402
 )
 from curation.store import Catalog  # noqa: E402
 from training.models import train_tokenizer  # noqa: E402
-from training.tokenization import TokenizedPairs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,10 @@ import torch
 from transformers import TrainerCallback
 
 import training.stages as stages
-from tests.test_trainer import MAX_LENGTH, pairs_frame, state_diff, tiny_model, with_reference
+from curation.lm.loading import load_model, load_tokenizer
 from curation.manifest import ReferenceInfo, ShardManifest, StageShard
+from tests.test_trainer import MAX_LENGTH, pairs_frame, state_diff, tiny_model, with_reference
 from training.config import TrainConfig
-from training.models import load_model, load_tokenizer
 from training.stages import COMPLETE, REFERENCE_LOGPS_FILE, train_stages
 from training.trainer import REF_COLUMNS
 

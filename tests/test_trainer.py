@@ -22,8 +22,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from curation.lm.loading import load_model, load_tokenizer
 from training.config import TrainConfig
-from training.models import TinyModelConfig, build_default_model, load_model, load_tokenizer
+from training.models import TinyModelConfig, build_default_model
 from training.objectives import PRESETS, Objective
 from training.sorting import PreferenceSetConfig, generate_preferences
 from training.stages import REFERENCE_LOGPS_FILE, train_stage
@@ -55,7 +56,7 @@ def tiny_model(workdir: Path, seed: int = 3) -> Path:
 
 def with_reference(frame: pl.DataFrame, model: Any, tokenizer: Any) -> pl.DataFrame:
     """frame plus ref_chosen_logps/ref_rejected_logps from the fast scorer, as curation writes them."""
-    from curation.score.logprobs import reference_logprobs
+    from curation.lm.logprobs import reference_logprobs
 
     ref = reference_logprobs(model, tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
                              frame["rejected"].to_list(), max_length=MAX_LENGTH, progress=False)

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from curation.errors import WinnowError
-from training.config import TrainConfig
 from curation.manifest import ShardManifest
+from training.config import TrainConfig
 from training.stages import train_stages
 
 

@@ -21,9 +21,9 @@ def evaluate_run(catalog, run_id: str, policy_path: str, reference_path: str, *,
 
     An unknown ``task`` fails (WinnowError, listing the tasks) before any model is loaded.
     """
+    from curation.lm.loading import load_model, load_tokenizer
     from training.eval_tasks import get_task
     from training.evaluate import evaluate, write_evals
-    from training.models import load_model, load_tokenizer
 
     eval_task = get_task(task)
     data = eval_task.data(catalog, run_id, prompts=prompts, pairs=pairs, seed=seed)

@@ -66,8 +66,8 @@ def _is_conversational(frame: pl.DataFrame) -> bool:
 
 
 def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig, progress: bool) -> pl.DataFrame:  # noqa: ANN001
-    from curation.score.logprobs import score_tokenized
-    from training.tokenization import tokenize_pairs
+    from curation.lm.logprobs import score_tokenized
+    from curation.lm.tokenization import tokenize_pairs
 
     tokens = tokenize_pairs(tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
                             frame["rejected"].to_list(), config.max_length, config.truncation_mode or TRL_TRUNCATION)
@@ -77,7 +77,7 @@ def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig,
 def dpo_config(config: TrainConfig, output_dir: Path, beta: float):  # noqa: ANN202 - trl.DPOConfig
     from trl import DPOConfig
 
-    from training.models import pick_device
+    from curation.lm.loading import pick_device
 
     device, dtype = pick_device()
     import torch
@@ -125,7 +125,7 @@ def train_stage(
 
     from datasets import Dataset
 
-    from training.models import load_model, load_tokenizer
+    from curation.lm.loading import load_model, load_tokenizer
 
     started = time.perf_counter()
     tokenizer = load_tokenizer(start_model)
@@ -153,7 +153,7 @@ def train_stage(
         objective=objective,
         callbacks=[recorder, *callbacks],
     )
-    from training.models import cpu_threads_for, torch_threads
+    from curation.lm.loading import cpu_threads_for, torch_threads
 
     threads = cpu_threads_for(policy) if not torch.cuda.is_available() else torch.get_num_threads()
     with torch_threads(threads):

@@ -221,13 +221,10 @@ def read_parquet(source: Source, batch_size: int, max_bytes: int) -> Iterator[Ra
 
 def read_hub(source: Source, batch_size: int, max_bytes: int) -> Iterator[RawBatch]:
     """Stream from the hub when it answers; else read the local `datasets` cache (memory-mapped)."""
-    from curation.hub import offline_unless_reachable
+    from curation.lm.hub import load_hub_dataset
 
     try:
-        import datasets
-
-        with offline_unless_reachable() as offline:
-            dataset = datasets.load_dataset(source.location, split=source.split, streaming=not offline)
+        dataset, _ = load_hub_dataset(source.location, source.split)
         iterator = iter(dataset)
         first = next(iterator, None)
     except Exception as exc:  # offline, unknown name, auth: all become one line

@@ -15,7 +15,7 @@ import polars as pl
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein, Prefix
 
-from training.tokenization import TokenizedPairs
+from curation.lm.tokenization import TokenizedPairs
 
 
 def _pairwise(a: Sequence, b: Sequence, scorer) -> np.ndarray:  # noqa: ANN001 - rapidfuzz scorer

@@ -17,8 +17,10 @@ import polars as pl
 
 from curation.config_fields import setting
 from curation.errors import WinnowError
+from curation.lm.tokenization import tokenize_pairs
 from curation.parquet_stream import open_parquet_stream
 from curation.progress import progress_bar
+from curation.reads import export_pairs_parquet, unrated_pairs
 from curation.score.features import text_features, token_features
 from curation.score.margins import (
     MARGIN_SOURCES,
@@ -27,9 +29,7 @@ from curation.score.margins import (
     reward_model_margin,
     scores_margin,
 )
-from curation.reads import export_pairs_parquet, unrated_pairs
 from curation.store import Catalog, bounded_memory
-from training.tokenization import tokenize_pairs
 
 REFERENCE_SCORE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
 
@@ -100,7 +100,7 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
     parts = [frame.select("pair_id"), text_features(prompts, chosens, rejecteds), token_features(tokens)]
     ref = None
     if models.reference is not None:
-        from curation.score.logprobs import score_tokenized
+        from curation.lm.logprobs import score_tokenized
 
         ref = score_tokenized(models.reference, tokens, progress=progress).select(REFERENCE_SCORE_COLUMNS)
         parts.append(ref)
@@ -119,7 +119,7 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
     elif margin_source == "policy":
         if models.policy is None or ref is None:
             raise WinnowError("margin source 'policy' needs a trained policy and the reference model")
-        from curation.score.logprobs import score_tokenized
+        from curation.lm.logprobs import score_tokenized
 
         margin = policy_margin(score_tokenized(models.policy, tokens, progress=progress), ref, options.beta)
     else:

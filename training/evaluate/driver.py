@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from curation.jsonable import json_safe
-from curation.score.logprobs import reference_logprobs
+from curation.lm.logprobs import reference_logprobs
 from training.evaluate.metrics import (
     GoldReward,
     gold_rewards,

@@ -1,6 +1,6 @@
 """Sampling from a model and scoring exactly the tokens drawn (the KL estimator needs both).
 
-Log-probs come from :mod:`curation.score.logprobs` (the same numbers TRL's DPO computes), so
+Log-probs come from :mod:`curation.lm.logprobs` (the same numbers TRL's DPO computes), so
 pair metrics line up with the training logs; nothing is re-implemented here.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from curation.score.logprobs import score_tokenized
-from training.tokenization import TokenizedPairs, tokenize_pairs
+from curation.lm.logprobs import score_tokenized
+from curation.lm.tokenization import TokenizedPairs, tokenize_pairs
 
 # --------------------------------------------------------------------------------------------------
 # Sampling
@@ -190,7 +190,7 @@ def sample_responses(
 
 
 # --------------------------------------------------------------------------------------------------
-# Log-probs (the forward lives in curation.score.logprobs; nothing is re-implemented here)
+# Log-probs (the forward lives in curation.lm.logprobs; nothing is re-implemented here)
 
 
 def _single_sequence(tp: TokenizedPairs) -> TokenizedPairs:
@@ -239,7 +239,7 @@ def sequence_logps(
     """Summed log-prob of each response given its prompt, tokenised and truncated as TRL's DPO does.
 
     The eos token is appended to each response (as TRL does), so a value equals the
-    ``ref_chosen_logps`` that :func:`curation.score.logprobs.reference_logprobs` gives for a
+    ``ref_chosen_logps`` that :func:`curation.lm.logprobs.reference_logprobs` gives for a
     pair with that response as chosen. NaN where TRL would drop the pair (prompt fills max_length).
     """
     responses = list(responses)

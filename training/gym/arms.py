@@ -161,7 +161,7 @@ def _train_trl(config: GymConfig, data: SeedData, frame: pl.DataFrame, out: Path
     from datasets import Dataset
     from trl import DPOTrainer
 
-    from training.models import load_model, load_tokenizer
+    from curation.lm.loading import load_model, load_tokenizer
     from training.stages import dpo_config
 
     tokenizer = load_tokenizer(data.model_path)

@@ -61,11 +61,12 @@ def prepare_seed(config: GymConfig, seed: int, workdir: Path, heldout_dir: Path)
 
     from curation.decide import CurateConfig, curate
     from curation.ingest import ingest
+    from curation.lm.loading import load_model, load_tokenizer, torch_threads
     from curation.reads import curated_pairs, pairs_in_source_order
     from curation.score.scoring import ScoreOptions, ScoringModels, score_run
     from curation.stage import StageConfig
     from curation.store import Catalog
-    from training.models import build_default_model, load_model, load_tokenizer, torch_threads
+    from training.models import build_default_model
 
     seconds: dict[str, float] = {}
     out = seed_dir(workdir, seed)

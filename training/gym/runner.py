@@ -34,7 +34,7 @@ def train_arm(config: GymConfig, data: SeedData, arm: str, heldout_dir: Path) ->
     """Train one arm of one seed, evaluate it; returns its metrics and its `evals` rows."""
     import torch
 
-    from training.models import load_model, load_tokenizer, torch_threads
+    from curation.lm.loading import load_model, load_tokenizer, torch_threads
 
     trainer = get_arm(arm).train
     out = data.dir / "arms" / arm

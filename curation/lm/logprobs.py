@@ -23,13 +23,15 @@ only cheaper to get. Where the time goes and what this module does about it:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from training.tokenization import TokenizedPairs, tokenize_pairs
+from curation.lm.packed_attention import packed_attention
+from curation.lm.tokenization import TokenizedPairs, tokenize_pairs
 
 COLUMNS = (
     "ref_chosen_logps",
@@ -251,7 +253,7 @@ def _padded_inputs(
 
 
 def _packed_inputs(rows: _Rows, idx: np.ndarray, device: torch.device) -> tuple[dict, np.ndarray]:
-    """One bucket as a single unpadded sequence; attention runs per row (see ``_packed_attention``)."""
+    """One bucket as a single unpadded sequence; attention runs per row (see :mod:`.packed_attention`)."""
     lengths = rows.length[idx]
     offset = np.cumsum(lengths) - lengths
     ids = np.fromiter(
@@ -277,75 +279,6 @@ def _packed_inputs(rows: _Rows, idx: np.ndarray, device: torch.device) -> tuple[
         "winnow_rows": layout,
     }
     return inputs, offset
-
-
-_PACKED_ATTENTION = "winnow_packed_sdpa"
-
-
-def _packed_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    winnow_rows: list | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """SDPA per row of a packed sequence: no padding, no masked-out square computed.
-
-    Each row is ``prompt + first [+ second]``: the first part runs causal; the second part's
-    queries attend to the prompt keys and causally to themselves, as in its own sequence.
-    """
-    if winnow_rows is None:
-        raise RuntimeError("winnow packed attention called without its row layout")
-    n_rep = query.shape[1] // key.shape[1]
-    if n_rep > 1:
-        key = key.repeat_interleave(n_rep, dim=1)
-        value = value.repeat_interleave(n_rep, dim=1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    out = torch.empty_like(query)
-    for start, p, split, end, second in winnow_rows:
-        a, b = start, start + split
-        if split > 0:
-            out[:, :, a:b] = sdpa(
-                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling
-            )
-        if second is not None:
-            c = start + end
-            k2 = torch.cat([key[:, :, a : a + p], key[:, :, b:c]], dim=2)
-            v2 = torch.cat([value[:, :, a : a + p], value[:, :, b:c]], dim=2)
-            out[:, :, b:c] = sdpa(query[:, :, b:c], k2, v2, attn_mask=second, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _register_packed_attention() -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_PACKED_ATTENTION, _packed_attention)
-
-
-class _AttentionSwap:
-    """Temporarily route the model's attention through ``name`` (restored on exit)."""
-
-    def __init__(self, model, name: str | None) -> None:
-        self.configs = [
-            c for c in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values()
-        ]
-        self.name = name
-        self.saved: list = []
-
-    def __enter__(self) -> None:
-        if self.name is None:
-            return
-        for c in self.configs:
-            self.saved.append(c._attn_implementation_internal)
-            c._attn_implementation_internal = self.name
-
-    def __exit__(self, *exc) -> None:
-        for c, v in zip(self.configs, self.saved, strict=False):
-            c._attn_implementation_internal = v
 
 
 # Model types whose attention is more than causal softmax(QK^T)V (attention sinks)
@@ -437,8 +370,6 @@ def score_tokenized(
     if pad_token_id is None:
         pad_token_id = getattr(model.config, "pad_token_id", None)
     pad_token_id = 0 if pad_token_id is None else int(pad_token_id)
-    if packed:
-        _register_packed_attention()
     additive = None
     if share_prompt and not packed and model.config.get_text_config()._attn_implementation == "eager":
         additive = torch.bfloat16 if autocast else next(model.parameters()).dtype
@@ -457,7 +388,7 @@ def score_tokenized(
         with (
             torch.inference_mode(),
             torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(autocast)),
-            _AttentionSwap(model, _PACKED_ATTENTION if packed else None),
+            packed_attention(model) if packed else nullcontext(),
         ):
             for idx in rows.buckets(batch_tokens, packed):
                 if rows.length[idx].max() == 0:  # nothing to run (empty prompt and completions)
@@ -536,7 +467,7 @@ def reference_logprobs(
 ) -> pl.DataFrame:
     """Reference log-probs of string pairs, equal to TRL's ``precompute_ref_log_probs`` pass.
 
-    Tokenises as TRL does (:func:`training.tokenization.tokenize_pairs`) and scores with
+    Tokenises as TRL does (:func:`curation.lm.tokenization.tokenize_pairs`) and scores with
     :func:`score_tokenized`. Set ``max_length``/``truncation_mode`` to the values training
     will use, or the numbers will not be the ones training needs.
     """

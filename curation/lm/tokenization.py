@@ -10,7 +10,8 @@ tokenizer in one batched call, which gives the same ids far faster.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -132,30 +133,67 @@ def _rust_backend(tokenizer):  # noqa: ANN001, ANN202 - any HF tokenizer; a toke
     ``tokenizer(text)`` encodes through the same Rust ``encode_batch`` and then builds an
     attention mask and offsets for every text, about a quarter of its time on long
     responses; scoring needs only the ids. Direct calls are safe when the backend carries no
-    truncation or padding of its own (``tokenizer(...)`` resets both per call) and its
-    special-token splitting is what the wrapper would set.
+    truncation or padding of its own (``tokenizer(...)`` resets both per call); its
+    special-token splitting is set for the call by :func:`_backend_kept`. Changes nothing.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or not hasattr(backend, "encode_batch_fast"):
         return None
     if backend.truncation is not None or backend.padding is not None:
         return None
-    split_special = bool(getattr(tokenizer, "split_special_tokens", False))
-    if backend.encode_special_tokens != split_special:
-        backend.encode_special_tokens = split_special  # what tokenizer(...) sets before encoding
     return backend
 
 
+@contextmanager
+def _backend_kept(tokenizer) -> Iterator[None]:  # noqa: ANN001 - any HF tokenizer
+    """Leave the tokenizer's Rust backend as the caller had it, whatever the block changes.
+
+    Why: ``tokenizer(...)`` itself writes its settings into the backend (special-token
+    splitting, and it clears truncation and padding), and the direct path must set the
+    splitting the wrapper would use. Neither may leak into the caller's tokenizer.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_special_tokens"):
+        yield
+        return
+    special, truncation, padding = backend.encode_special_tokens, backend.truncation, backend.padding
+    try:
+        yield
+    finally:
+        if backend.encode_special_tokens != special:
+            backend.encode_special_tokens = special
+        if backend.truncation != truncation:
+            if truncation is None:
+                backend.no_truncation()
+            else:
+                backend.enable_truncation(**truncation)
+        if backend.padding != padding:
+            if padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**padding)
+
+
 def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids per text, one batched tokenizer call per chunk, same defaults as TRL's ``_tokenize``."""
-    backend = _rust_backend(tokenizer)
+    """Token ids per text, one batched tokenizer call per chunk, same defaults as TRL's ``_tokenize``.
+
+    The tokenizer is left exactly as it was (see :func:`_backend_kept`).
+    """
     out: list[list[int]] = []
-    for start in range(0, len(texts), _TOKENIZE_CHUNK):
-        chunk = texts[start : start + _TOKENIZE_CHUNK]
+    with _backend_kept(tokenizer):
+        backend = _rust_backend(tokenizer)
         if backend is not None:
-            out.extend(encoding.ids for encoding in backend.encode_batch_fast(chunk, add_special_tokens=True))
-        else:
-            out.extend(tokenizer(text=chunk)["input_ids"])
+            split_special = bool(getattr(tokenizer, "split_special_tokens", False))
+            if backend.encode_special_tokens != split_special:
+                backend.encode_special_tokens = split_special  # what tokenizer(...) sets before encoding
+        for start in range(0, len(texts), _TOKENIZE_CHUNK):
+            chunk = texts[start : start + _TOKENIZE_CHUNK]
+            if backend is not None:
+                out.extend(
+                    encoding.ids for encoding in backend.encode_batch_fast(chunk, add_special_tokens=True)
+                )
+            else:
+                out.extend(tokenizer(text=chunk)["input_ids"])
     return out
 
 
