@@ -118,6 +118,12 @@ def kept_pair_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.Dat
 # -- decisions and the report -------------------------------------------------------------------
 
 
+def why_example(run_id: str) -> str:
+    """The "why was this pair dropped" query as a user types it into `winnow query` (for reports)."""
+    return (f"SELECT kept, reason, detail, weight, stage FROM decisions WHERE run_id = '{run_id}' "
+            "AND pair_id LIKE '<prefix>%';")
+
+
 def why(catalog: Catalog, run_id: str, pair_id: str) -> pl.DataFrame:
     """The decision row(s) of a pair (a pair_id prefix is enough): reason, detail, weight, stage."""
     return catalog.query(WHY_SQL, [run_id, pair_id], read_only=False)

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 
 from curation.errors import WinnowError
-from curation.reads import report_tables
+from curation.reads import report_tables, why_example
 from curation.schema import DecisionReason
 from curation.store import Catalog
 
@@ -238,8 +238,7 @@ def _markdown(run_id: str, data: dict[str, Any]) -> str:
     out += ["## Plots", "", "![margin](margin.png)", "", "![edit distance](edit_distance.png)", "",
             "![length gap](length_gap.png)", "", "## Ask the catalog", "",
             "Why was a pair dropped (a pair_id prefix is enough):", "", "```sql",
-            f"SELECT kept, reason, detail, weight, stage FROM decisions WHERE run_id = '{run_id}' AND pair_id LIKE "
-            "'<prefix>%';", "```", ""]
+            why_example(run_id), "```", ""]
     return "\n".join(out)
 
 

@@ -284,6 +284,13 @@ class Catalog:
                     [*(keys[k] for k in constants), files, *(keys[k] for k in filters)])
         return int(con.execute(f"SELECT count(*) FROM {table} WHERE {where}", list(keys.values())).fetchone()[0])
 
+    @staticmethod
+    def distinct_in_parquet(con: duckdb.DuckDBPyConnection, files: list[str], column: str) -> list[Any]:
+        """The distinct values of one column of parquet files (e.g. the margin sources of score parts)."""
+        if not column.replace("_", "").isalnum():
+            raise ValueError(f"bad column name {column!r}")
+        return [r[0] for r in con.execute(f'SELECT DISTINCT "{column}" FROM read_parquet(?) ORDER BY 1', [files]).fetchall()]
+
     def upsert_run(self, run_id: str, con: duckdb.DuckDBPyConnection | None = None, **fields: Any) -> None:
         """Create or update the `runs` row; dict fields are merged into the stored JSON."""
         if con is None:

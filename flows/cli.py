@@ -20,6 +20,7 @@ from curation.ingest import IngestOptions
 from curation.schema import Format
 from curation.score.scoring import ScoreOptions
 from training.config import TrainConfig
+from training.tiny_config import DEFAULT_MODEL
 
 app = typer.Typer(
     name="winnow",
@@ -31,7 +32,6 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-DEFAULT_MODEL = "winnow-tiny"  # training.models.DEFAULT_MODEL, restated so `winnow query` need not import torch
 MODEL_HELP = "Reference/start model: winnow-tiny (built locally from the run's pairs), a local path or a hub id."
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace holding catalog.duckdb and run folders.")]
 DEFAULT_WORKDIR = Path("runs")

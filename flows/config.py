@@ -17,7 +17,7 @@ from curation.errors import WinnowError
 from curation.ingest import IngestOptions
 from curation.score.scoring import ScoreOptions
 from training.config import TrainConfig
-from training.models import TinyModelConfig
+from training.tiny_config import TinyModelConfig
 
 DEMO_SOURCE = str(Path(__file__).resolve().parents[1] / "data" / "demo" / "pairs.jsonl")
 DEMO_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"

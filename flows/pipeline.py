@@ -21,7 +21,7 @@ from curation.manifest import ShardManifest, find_shard_folder
 from flows import tasks
 from flows.config import PipelineConfig
 from flows.prefect_env import configure_prefect
-from training.models import DEFAULT_MODEL
+from training.tiny_config import DEFAULT_MODEL
 
 FAIL_AFTER_ENV = "WINNOW_FAIL_AFTER"  # testing aid: raise after the named step, to exercise resume
 

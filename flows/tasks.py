@@ -89,7 +89,8 @@ def _model_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 @_user_errors_in_one_line
 def model_task(config: PipelineConfig, run_id: str) -> str:
     """The reference/start model: winnow-tiny is built (and cached) from this run's pairs."""
-    from training.models import DEFAULT_MODEL, build_default_model
+    from training.models import build_default_model
+    from training.tiny_config import DEFAULT_MODEL
 
     if config.model != DEFAULT_MODEL:
         return config.model

@@ -247,14 +247,3 @@ def test_an_unknown_arm_fails_in_one_line() -> None:
     assert "\n" not in message and "'dpo-plus'" in message and all(name in message for name in gym.ARMS)
     with pytest.raises(ValueError, match=r"unknown gym arm\(s\) \['a', 'b'\]"):
         gym.GymConfig(arms=("b", "trl-dpo", "a"))
-
-
-def test_gym_and_evaluation_hold_no_sql() -> None:
-    """Catalog reads go through curation/reads.py, writes through Catalog.replace_slice."""
-    root = Path(__file__).resolve().parents[1] / "training"
-    files = [*sorted((root / "gym").glob("*.py")), *sorted((root / "evaluate").glob("*.py")),
-             *sorted((root / "eval_tasks").glob("*.py")), root / "run_evaluation.py"]
-    for path in files:
-        text = path.read_text()
-        for word in ("SELECT ", "INSERT ", "DELETE ", ".execute("):
-            assert word not in text, f"{path.name}: {word.strip()}"

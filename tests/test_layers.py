@@ -144,3 +144,23 @@ def test_checker_catches(module: str, source: str, offending: str) -> None:
 )
 def test_checker_allows(module: str, source: str) -> None:
     assert not [t for _, t in imports(source, module) if violation(module, t)]
+
+
+# SQL lives with the catalog: the schema and writers (store.py), the named reads (reads.py) and
+# ingest's staging step (its duplicate/contradiction resolution is SQL over a temp table).
+SQL_MODULES = ("curation/store.py", "curation/reads.py", "curation/ingest/__init__.py")
+SQL_MARKERS = ("SELECT ", "INSERT ", "DELETE ", "UPDATE ", "COPY ", ".execute(", ".sql(")
+
+
+def test_sql_lives_in_the_catalog_modules() -> None:
+    """flows/ holds no SQL at all; curation and training reach the catalog through reads.py and store.py."""
+    offending = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel in SQL_MODULES:
+                continue
+            for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+                if any(marker in line for marker in SQL_MARKERS):
+                    offending.append(f"{rel}:{lineno}: {line.strip()[:80]}")
+    assert not offending, "SQL outside the catalog modules:\n" + "\n".join(offending)

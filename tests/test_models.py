@@ -17,13 +17,8 @@ from hypothesis import strategies as st
 
 from curation.lm.loading import ModelNotFoundError, load_model, load_tokenizer, pick_device
 from training import models
-from training.models import (
-    SFT_HISTORY_FILE,
-    TinyModelConfig,
-    build_default_model,
-    resolve_model,
-    train_tokenizer,
-)
+from training.models import SFT_HISTORY_FILE, build_default_model, resolve_model, train_tokenizer
+from training.tiny_config import TinyModelConfig
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub, even from fixtures built at collection
 

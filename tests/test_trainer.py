@@ -24,10 +24,11 @@ from transformers import TrainerCallback
 
 from curation.lm.loading import load_model, load_tokenizer
 from training.config import TrainConfig
-from training.models import TinyModelConfig, build_default_model
+from training.models import build_default_model
 from training.objectives import PRESETS, Objective
 from training.sorting import PreferenceSetConfig, generate_preferences
 from training.stages import REFERENCE_LOGPS_FILE, train_stage
+from training.tiny_config import TinyModelConfig
 from training.trainer import REF_COLUMNS, WinnowDPOTrainer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

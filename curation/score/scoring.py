@@ -213,8 +213,7 @@ def load_scores(catalog: Catalog, run_id: str, parts: list[Path], record: dict[s
     files = [str(p) for p in parts]
     with catalog.transaction() as con, bounded_memory(con):
         count = catalog.replace_slice_from_parquet(con, "scores", files, run_id=run_id)
-        sources = [r[0] for r in con.execute("SELECT DISTINCT margin_source FROM read_parquet(?)", [files]).fetchall()]
-        for source in sources:
+        for source in catalog.distinct_in_parquet(con, files, "margin_source"):
             catalog.replace_slice_from_parquet(con, "margins", files, MARGIN_COLUMNS, run_id=run_id,
                                                margin_source=source)
         catalog.upsert_run(run_id, con, stage="score", status="scored",

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from training.gym.arms import ARMS, check_arms
-from training.models import TinyModelConfig
 from training.sorting import PreferenceSetConfig
+from training.tiny_config import TinyModelConfig
 
 
 def _default_learning_rate() -> float:
