@@ -37,9 +37,36 @@ class TrainConfig:
     lora_alpha: int = setting(32, help="LoRA alpha.")
     reuse_reference_logps: bool = setting(True, help="Stage 1 reuses curation's reference log-probs when they match.")
     max_stages: int | None = setting(None, help="Train only the first N stages.")
+    report_to: str | list[str] = setting("none", help="Trackers TRL logs every training step to, as DPOConfig's "
+                                                      "report_to: none, all (every one installed), or names "
+                                                      "(comma-separated or a list) among tensorboard, wandb, mlflow, "
+                                                      "trackio. tensorboard writes under each stage folder, logs/.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def trackers(report_to: str | list[str]) -> list[str]:
+    """``report_to`` as the list DPOConfig takes; a named tracker that is not installed is a WinnowError.
+
+    "none" is no tracker, "all" every installed one (TRL's meaning). Checked before training
+    starts, so a missing package costs one line, not a traceback after the reference pass.
+    """
+    names = [n.strip() for n in (report_to.split(",") if isinstance(report_to, str) else report_to) if n.strip()]
+    if names in ([], ["none"]):
+        return []
+    if names == ["all"]:
+        return ["all"]
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    missing = [n for n in names if n not in available]
+    if missing:
+        from curation.errors import WinnowError
+
+        raise WinnowError(f"train.report_to: {', '.join(missing)} not installed (installed trackers: "
+                          f"{', '.join(sorted(available)) or 'none'}); pip install {' '.join(missing)}")
+    return names
 
 
 def resolve_objective(config: TrainConfig, advice: dict[str, Any] | None) -> Objective:

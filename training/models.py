@@ -193,10 +193,9 @@ def _sft(
     losses: list[float] = []
     pending: list[list[tuple[list[int], int]]] = []
 
-    from tqdm.auto import tqdm
+    from curation.progress import progress_bar
 
-    bar = tqdm(total=config.sft_steps, desc="winnow-tiny SFT warm-up", disable=not progress, leave=False)
-    try:
+    with progress_bar("winnow-tiny SFT warm-up", total=config.sft_steps, unit="step", enabled=progress) as bar:
         for step in range(config.sft_steps):
             if not pending:
                 pending = _batches(examples, config.sft_batch_size, rng)
@@ -213,8 +212,6 @@ def _sft(
             bar.update(1)
             if step % 10 == 0 or step == config.sft_steps - 1:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    finally:
-        bar.close()
     model.eval()
     return losses
 

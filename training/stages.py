@@ -25,12 +25,13 @@ import torch
 from curation.errors import WinnowError
 from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
 from curation.manifest import ShardManifest, StageShard
-from training.config import TrainConfig, resolve_objective
-from training.trainer import MetricsRecorder, WinnowDPOTrainer
+from training.config import TrainConfig, resolve_objective, trackers
+from training.trainer import MetricsRecorder, StepProgress, WinnowDPOTrainer
 
 COMPLETE = "COMPLETE"
 TRL_TRUNCATION = "keep_start"  # DPOConfig's default, for direct calls that leave truncation_mode unset
 REFERENCE_LOGPS_FILE = "reference_logps.parquet"
+TRACKER_LOGS = "logs"  # a stage's tracker files (tensorboard events), kept beside its model
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,32 @@ def dpo_config(config: TrainConfig, output_dir: Path, beta: float):  # noqa: ANN
         seed=config.seed,
         bf16=device.type == "cuda" and dtype == torch.bfloat16,
         use_cpu=device.type != "cuda",
-        gradient_checkpointing=False,
+        # the new name: TRL's default for the deprecated `gradient_checkpointing` (True) warns
+        activation_checkpointing=False,
         save_strategy="no",
-        report_to=[],
-        disable_tqdm=False,
+        report_to=trackers(config.report_to),
+        # progress goes through curation.progress (training.trainer.StepProgress), not tqdm;
+        # transformers would then print every log dict (PrinterCallback): train_stage removes it
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def _quiet_and_tracked(trainer, logs_dir: Path) -> None:  # noqa: ANN001 - a transformers Trainer
+    """No printed log dicts; tensorboard events under the stage folder (the trainer's output_dir is removed).
+
+    transformers adds PrinterCallback when tqdm is off; its lines are the raw dicts the live
+    display replaces (the numbers still reach train_metrics and every tracker in report_to).
+    TensorBoardCallback writes under output_dir unless TENSORBOARD_LOGGING_DIR says otherwise;
+    a user's TENSORBOARD_LOGGING_DIR wins.
+    """
+    from transformers.integrations import TensorBoardCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(logs_dir)
 
 
 def train_stage(
@@ -151,8 +172,9 @@ def train_stage(
         processing_class=tokenizer,
         peft_config=peft_config,
         objective=objective,
-        callbacks=[recorder, *callbacks],
+        callbacks=[recorder, StepProgress(f"train stage {stage} ({objective.name})", enabled=progress), *callbacks],
     )
+    _quiet_and_tracked(trainer, stage_dir / TRACKER_LOGS)
     from curation.lm.loading import cpu_threads_for, torch_threads
 
     threads = cpu_threads_for(policy) if not torch.cuda.is_available() else torch.get_num_threads()

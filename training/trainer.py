@@ -22,6 +22,7 @@ from transformers import TrainerCallback
 from trl import DPOTrainer
 
 from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
+from curation.progress import Bar, open_bar
 from training.objectives import Objective
 
 _NON_MODEL_KEYS = {"completion_mask", *REF_COLUMNS}
@@ -131,6 +132,36 @@ class MetricsRecorder(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001
         if self.sink is not None and state.is_world_process_zero:
             self.sink(self.rows)
+
+
+class StepProgress(TrainerCallback):
+    """Optimizer steps of one stage as a bar of curation.progress, with the loss and reward margin beside it.
+
+    Replaces transformers' tqdm bar (``disable_tqdm=True``) so that the CLI's live display (or
+    tqdm, when nothing is installed) shows training like every other long step.
+    """
+
+    def __init__(self, description: str, enabled: bool = True) -> None:
+        self.description, self.enabled = description, enabled
+        self.bar: Bar | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:  # noqa: ANN001 - TrainerCallback API
+        if state.is_world_process_zero:
+            self.bar = open_bar(self.description, state.max_steps or None, "step", enabled=self.enabled)
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:  # noqa: ANN001
+        if self.bar is not None and logs and "loss" in logs:
+            shown = {"loss": logs.get("loss"), "margin": logs.get("rewards/margins")}
+            self.bar.set_postfix(**{k: f"{float(v):.3f}" for k, v in shown.items() if v is not None})
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:  # noqa: ANN001
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _float(value: Any) -> float | None:

@@ -28,10 +28,10 @@ from contextlib import nullcontext
 import numpy as np
 import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from curation.lm.packed_attention import packed_attention
 from curation.lm.tokenization import TokenizedPairs, tokenize_pairs
+from curation.progress import progress_bar
 
 COLUMNS = (
     "ref_chosen_logps",
@@ -382,10 +382,10 @@ def score_tokenized(
     scale, softcap = _logit_transform(model)
     was_training = model.training
     model.eval()
-    bar = tqdm(total=int(tokenized.keep.sum()), desc="reference log-probs", unit="pair", disable=not progress)
-    rows_done, per_pair = 0, 1 if share_prompt else 2
+    rows_done, reported, per_pair = 0, 0, 1 if share_prompt else 2
     try:
         with (
+            progress_bar("reference log-probs", total=int(tokenized.keep.sum()), unit="pair", enabled=progress) as bar,
             torch.inference_mode(),
             torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(autocast)),
             packed_attention(model) if packed else nullcontext(),
@@ -410,9 +410,9 @@ def score_tokenized(
                     )
                 sums.index_add_(0, torch.from_numpy(slot), logps.double().cpu())
                 rows_done += len(idx)
-                bar.update(rows_done // per_pair - bar.n)
+                bar.update(rows_done // per_pair - reported)
+                reported = rows_done // per_pair
     finally:
-        bar.close()
         model.train(was_training)
     return _frame(tokenized, sums.numpy())
 

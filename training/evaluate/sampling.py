@@ -97,8 +97,9 @@ def sample_tokens(
     once, and prompts are batched in a fixed order (sorted by length, so padding stays small).
     The caller's global RNG state is left untouched.
     """
-    from tqdm.auto import tqdm
     from transformers import GenerationConfig
+
+    from curation.progress import progress_bar
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -128,9 +129,8 @@ def sample_tokens(
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
-    bar = tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress, leave=False)
     try:
-        with torch.random.fork_rng(devices=devices), torch.inference_mode(), _bare_generation_config(model):
+        with progress_bar("sampling", total=len(prompts), unit="prompt", enabled=progress) as bar, torch.random.fork_rng(devices=devices), torch.inference_mode(), _bare_generation_config(model):
             torch.manual_seed(seed)
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
@@ -154,7 +154,6 @@ def sample_tokens(
                     completions[i] = new
                 bar.update(len(idx))
     finally:
-        bar.close()
         model.train(was_training)
     texts = [
         tokenizer.decode(c[:-1] if done else c, skip_special_tokens=True)
