@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from curation.config_fields import default_of, help_of
 from curation.errors import WinnowError
@@ -37,17 +36,20 @@ Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace holdin
 DEFAULT_WORKDIR = Path("runs")
 
 
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (for scripts); "
+                                                      "progress goes to stderr.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show every library's output: Prefect INFO logs, "
+                                                              "their progress bars, warnings.")]
+
+
 def print_frame(frame, title: str | None = None, csv: bool = False) -> None:  # noqa: ANN001 - polars frame
-    """Render a polars frame as a rich table (or CSV for scripts)."""
+    """Render a polars frame as a table that never cuts a value (or CSV for scripts)."""
+    from flows.display import print_frame as show
+
     if csv:
         sys.stdout.write(frame.write_csv())
         return
-    table = Table(title=title, show_lines=False)
-    for name in frame.columns:
-        table.add_column(name, justify="right" if frame[name].dtype.is_numeric() else "left")
-    for row in frame.iter_rows():
-        table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    console.print(table)
+    show(frame, console, title=title)
 
 
 @app.command()
@@ -61,24 +63,18 @@ def ingest(
         IngestOptions, "max_bad_fraction"),
     max_bytes: Annotated[int, typer.Option(help=help_of(IngestOptions, "max_bytes"))] = default_of(
         IngestOptions, "max_bytes"),
+    as_json: JsonFlag = False,
 ) -> None:
     """Read preference pairs into the catalog and print the accounting table."""
     from curation.ingest import ingest as run_ingest
     from curation.store import Catalog
+    from flows.display import Output, accounting_document, render_accounting
 
     options = IngestOptions(format=format, max_bad_fraction=max_bad_fraction, max_bytes=max_bytes)
-    result = run_ingest(sources, Catalog(workdir), options, run_id=run_id)
-    print_accounting(result)
-
-
-def print_accounting(result) -> None:  # noqa: ANN001 - IngestResult
-    import polars as pl
-
-    print_frame(result.accounting, title=f"run {result.run_id}: rows read = pairs + quarantined")
-    if result.reasons.height:
-        print_frame(result.reasons.sort("rows", descending=True), title="quarantined, by reason")
-    total = result.accounting.select(pl.col("rows_read", "pairs", "quarantined").sum()).row(0)
-    console.print(f"[bold]{total[0]}[/] rows read = [green]{total[1]}[/] pairs + [yellow]{total[2]}[/] quarantined")
+    out = Output(as_json, console=None if as_json else console)
+    with out.work(steps=False):
+        result = run_ingest(sources, Catalog(workdir), options, run_id=run_id)
+    out.result(accounting_document(result), lambda c: render_accounting(result, c))
 
 
 @app.command()
@@ -86,11 +82,18 @@ def query(
     sql: Annotated[str, typer.Argument(help="SQL over the catalog tables (read-only).")],
     workdir: Workdir = DEFAULT_WORKDIR,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Run read-only SQL against the catalog and print the result."""
     from curation.store import Catalog
 
-    print_frame(Catalog(workdir).query(sql), csv=csv)
+    frame = Catalog(workdir).query(sql)
+    if as_json:
+        from flows.display import Output
+
+        Output(True).result({"columns": frame.columns, "rows": frame.to_dicts()}, lambda c: None)
+        return
+    print_frame(frame, csv=csv)
 
 
 def _latest_run(workdir: Path) -> str:
@@ -149,10 +152,23 @@ def _overrides(config_sets: list[str] | None, **flags) -> dict:  # noqa: ANN003
     return overrides
 
 
-def _run(flow_name: str, recipe: Path | None, overrides: dict, task_runner: str | None, **params) -> dict:  # noqa: ANN003
-    from flows.pipeline import run_flow
+def _run(flow_name: str, recipe: Path | None, overrides: dict, task_runner: str | None, as_json: bool = False,
+         verbose: bool = False, **params) -> dict:  # noqa: ANN003
+    """Run a flow under the live display; prints its summary (or, with --json, its JSON document)."""
+    from flows.display import Output, render_summary
 
-    return run_flow(flow_name, str(recipe) if recipe else None, overrides, task_runner, **params)
+    out = Output(as_json, verbose, console=None if as_json else console)
+    with out.work():
+        from flows.pipeline import run_flow
+
+        summary = run_flow(flow_name, str(recipe) if recipe else None, overrides, task_runner, **params)
+    out.result(summary, lambda c: render_summary(summary, c, catalog=_catalog_path(summary, overrides)))
+    return summary
+
+
+def _catalog_path(summary: dict, overrides: dict) -> str | None:
+    workdir = overrides.get("workdir") or (Path(summary["shard_dir"]).parents[1] if summary.get("shard_dir") else None)
+    return str(Path(workdir) / "catalog.duckdb") if workdir else None
 
 
 Recipe = Annotated[Path | None, typer.Option("--config", "-c", help="YAML recipe (see flows/recipes/).")]
@@ -170,27 +186,13 @@ def curate(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     task_runner: Runner = None,
     refresh: Refresh = False,
+    as_json: JsonFlag = False,
+    verbose: Verbose = False,
 ) -> None:
     """Ingest, score, filter, stage and shard in one go (the `curate` flow)."""
     overrides = _overrides(sets, sources=list(sources), workdir=str(workdir) if workdir else None, model=model,
                            refresh=refresh or None)
-    summary = _run("curate", recipe, overrides, task_runner)
-    print_curation(summary)
-
-
-def print_curation(summary: dict) -> None:
-    import polars as pl
-
-    console.print(f"[bold]run {summary['run_id']}[/]: kept {summary['kept']} of {summary['pairs']} pairs; "
-                  f"stages {summary['stage_sizes']}")
-    if summary.get("dropped"):
-        print_frame(pl.DataFrame({"reason": list(summary["dropped"]), "pairs": list(summary["dropped"].values())}),
-                    title="dropped, by reason")
-    advice = summary.get("advice") or {}
-    console.print(f"advice: [bold]{advice.get('objective')}[/] {advice.get('params') or ''} - {advice.get('rationale', '')}")
-    console.print(f"shards: {summary['shard_dir']}\nreport: {summary.get('report')}")
-    if summary.get("cached_tasks"):
-        console.print(f"[dim]from cache: {', '.join(sorted(set(summary['cached_tasks'])))}[/]")
+    _run("curate", recipe, overrides, task_runner, as_json, verbose)
 
 
 @app.command()
@@ -215,6 +217,8 @@ def train(
     model: Annotated[str | None, typer.Option(help="Start/reference model; default: the one curation scored with.")] = None,
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
     refresh: Refresh = False,
+    as_json: JsonFlag = False,
+    verbose: Verbose = False,
 ) -> None:
     """Train every sDPO stage of curated shards with the chosen objective (the `train` flow)."""
     if not shards.exists():
@@ -222,19 +226,7 @@ def train(
     workdir = workdir or (shards.parent if (shards / "shards").is_dir() else shards.parent.parent)
     overrides = _overrides(sets, **{"train.objective": objective, "model": model, "workdir": str(workdir),
                                     "refresh": refresh or None})
-    summary = _run("train", recipe, overrides, None, shards=str(shards))
-    print_training(summary)
-
-
-def print_training(summary: dict) -> None:
-    import polars as pl
-
-    print_frame(pl.DataFrame(summary["stages"]).select("stage", "objective", "pairs", "reference_source",
-                                                       "train_loss", "resumed", "model_dir"), title="sDPO stages")
-    if summary.get("eval"):
-        metrics = summary["eval"]
-        print_frame(pl.DataFrame({"metric": list(metrics), "value": [float(v) for v in metrics.values()]}),
-                    title="held-out evaluation (policy vs reference)")
+    _run("train", recipe, overrides, None, as_json, verbose, shards=str(shards))
 
 
 @app.command()
@@ -249,6 +241,8 @@ def run(
     task_runner: Runner = None,
     refresh: Refresh = False,
     shards: Annotated[Path | None, typer.Option("--shards", help="For the train flow: a curated run folder.")] = None,
+    as_json: JsonFlag = False,
+    verbose: Verbose = False,
 ) -> None:
     """Run a flow directly, no server needed; flags override the recipe. With no --config and no
     --source it runs the demo with the demo recipe (flows/recipes/demo.yaml)."""
@@ -258,11 +252,7 @@ def run(
     params = {"shards": str(shards)} if flow_name == "train" else {}
     if flow_name == "train" and shards is None:
         raise WinnowError("the train flow needs --shards RUN_DIR")
-    summary = _run(flow_name, recipe, overrides, task_runner, **params)
-    if "kept" in summary:
-        print_curation(summary)
-    if "stages" in summary:
-        print_training(summary)
+    _run(flow_name, recipe, overrides, task_runner, as_json, verbose, **params)
 
 
 @app.command()

@@ -8,6 +8,7 @@ chosen task runner; everything else runs in order, each step cached by its input
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from prefect.states import State
 from curation.env import environment
 from curation.errors import WinnowError
 from curation.manifest import ShardManifest, find_shard_folder
+from curation.progress import report_step
 from flows import tasks
 from flows.config import PipelineConfig
 from flows.prefect_env import configure_prefect
@@ -93,18 +95,36 @@ class _Steps:
         return result
 
     def run(self, name: str, task_fn, **kwargs: Any) -> Any:  # noqa: ANN001
-        return self._record(name, self._prepare(task_fn)(**kwargs, return_state=True))
+        started = time.perf_counter()
+        report_step(name, "started")
+        try:
+            state = self._prepare(task_fn)(**kwargs, return_state=True)
+            result = state.result()
+        except BaseException:
+            report_step(name, "failed", time.perf_counter() - started)
+            raise
+        report_step(name, "cached" if state.name == "Cached" else "finished", time.perf_counter() - started,
+                    result=result)
+        return self._record(name, state)
 
     def fan_out(self, name: str, task_fn, calls: list[dict[str, Any]]) -> list[Any]:  # noqa: ANN001
+        started = time.perf_counter()
+        report_step(name, "started", tasks=len(calls))
         prepared = self._prepare(task_fn)
         futures = [prepared.submit(**kwargs) for kwargs in calls]
         wait(futures)
         states = [f.state for f in futures]
         results = []
-        for state in states:
-            if state.name == "Cached":
-                self.cached.append(name)
-            results.append(state.result())
+        try:
+            for state in states:
+                if state.name == "Cached":
+                    self.cached.append(name)
+                results.append(state.result())
+        except BaseException:
+            report_step(name, "failed", time.perf_counter() - started)
+            raise
+        all_cached = all(state.name == "Cached" for state in states)
+        report_step(name, "cached" if all_cached else "finished", time.perf_counter() - started, result=results)
         if self.fail_after == name:
             raise InjectedFailure(f"injected failure after {name} ({FAIL_AFTER_ENV})")
         return results
@@ -140,8 +160,11 @@ def _train(steps: _Steps, run_id: str, shard_dir: str, model_path: str) -> dict[
 
 
 def _finish(steps: _Steps, summary: dict[str, Any]) -> dict[str, Any]:
-    tasks.publish_task.with_options(result_storage=steps.storage)(config=steps.config, run_id=summary["run_id"],
-                                                                   summary=summary)
+    started = time.perf_counter()
+    report_step("publish-artifacts", "started")
+    key = tasks.publish_task.with_options(result_storage=steps.storage)(config=steps.config, run_id=summary["run_id"],
+                                                                         summary=summary)
+    report_step("publish-artifacts", "finished", time.perf_counter() - started, result=key)
     summary["cached_tasks"] = steps.cached
     return summary
 
