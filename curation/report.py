@@ -7,7 +7,9 @@ DuckDB file only. The cut-offs it draws come from `runs.config.curate.resolved` 
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +270,25 @@ def build_report(catalog: Catalog, run_id: str, out_dir: Path | None = None) -> 
     path = out / "report.md"
     path.write_text(_markdown(run_id, data), encoding="utf-8")
     return path
+
+
+_LOCAL_IMAGE = re.compile(r"!\[([^\]]*)\]\(([A-Za-z0-9_.-]+\.png)\)")
+
+
+def data_uri(path: Path) -> str:
+    """A PNG as a data: URI, for documents that must carry their images (HTML report, Prefect artifact)."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def embedded_markdown(report_path: Path) -> str:
+    """report.md with its plots inlined as data URIs: Prefect's UI cannot load the files beside it.
+
+    Only bare file names in the report's own folder are inlined (the report links nothing else).
+    """
+    folder = Path(report_path).parent
+
+    def inline(match: re.Match[str]) -> str:
+        image = folder / match.group(2)
+        return f"![{match.group(1)}]({data_uri(image)})" if image.is_file() else match.group(0)
+
+    return _LOCAL_IMAGE.sub(inline, Path(report_path).read_text(encoding="utf-8"))

@@ -1,5 +1,9 @@
 """Prefect artifacts: counts by decision reason and stage, the report, training progress.
 
+The report artifact is markdown with its plots embedded as data URIs: a markdown artifact
+cannot load the PNG files beside report.md, while Prefect's UI renders data-URI images
+(checked in the real UI: tests/test_report_html_prefect_ui.py).
+
 Artifact keys follow Prefect's rule (lowercase letters, digits and dashes), derived from
 the run id so each run's artifacts form one history in the UI.
 """
@@ -73,6 +77,9 @@ def publish_run_artifacts(catalog, run_id: str, summary: dict[str, Any]) -> str 
                               description="Held-out evaluation: policy vs reference")
     report = summary.get("report")
     if report and Path(report).is_file():
-        create_markdown_artifact(key=artifact_key(run_id, "report"), markdown=Path(report).read_text(),
+        from curation.report import embedded_markdown
+
+        # plots inlined as data URIs: the UI renders them (it cannot read files beside report.md)
+        create_markdown_artifact(key=artifact_key(run_id, "report"), markdown=embedded_markdown(Path(report)),
                                  description=f"Curation report, run {run_id}")
     return artifact_key(run_id, "report")

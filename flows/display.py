@@ -168,7 +168,7 @@ class RunDisplay:
     def _close_starting(self) -> None:
         starting = self.rows.get(STARTING)
         if starting is not None and starting.status == "running":
-            self._finish(starting, "finished", "temporary local API")
+            self._finish(starting, "finished", os.environ.get("PREFECT_API_URL") or "temporary local API")
 
     def _finish(self, row: _Row, status: str, detail: str) -> None:
         row.status, row.detail = status, detail
