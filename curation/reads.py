@@ -115,6 +115,33 @@ def kept_pair_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.Dat
             ORDER BY o.stage, o.stage_position""", [run_id])
 
 
+# -- export ------------------------------------------------------------------------------------
+
+
+def kept_order(catalog: Catalog, run_id: str, stage: int | None = None) -> pl.DataFrame:
+    """pair_id, stage and stage_position of the kept pairs (all stages, or one), in teaching order."""
+    return catalog.query(
+        """SELECT pair_id, stage, stage_position FROM decisions
+           WHERE run_id = ? AND kept AND (CAST(? AS INTEGER) IS NULL OR stage = ?)
+           ORDER BY stage, stage_position""", [run_id, stage, stage], read_only=False)
+
+
+EXPORT_CURATION_COLUMNS = ("pair_id", "stage", "stage_position", "source", "source_row", "score_chosen",
+                           "score_rejected", "margin", "margin_source", "weight", "chosen_tokens", "rejected_tokens",
+                           "token_edit_distance", "token_edit_norm", "length_gap", "ref_chosen_logps",
+                           "ref_rejected_logps")
+
+
+def kept_curation_columns(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """Per kept pair, what curation knows of it (EXPORT_CURATION_COLUMNS), keyed by pair_id."""
+    return catalog.query(
+        """SELECT d.pair_id, d.stage, d.stage_position, p.source, p.source_row, p.score_chosen, p.score_rejected,
+                  s.margin, s.margin_source, d.weight, s.chosen_tokens, s.rejected_tokens, s.token_edit_distance,
+                  s.token_edit_norm, s.length_gap, s.ref_chosen_logps, s.ref_rejected_logps
+           FROM decisions d JOIN pairs p USING (run_id, pair_id) LEFT JOIN scores s USING (run_id, pair_id)
+           WHERE d.run_id = ? AND d.kept""", [run_id], read_only=False)
+
+
 # -- decisions and the report -------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from rich.console import Console
 
 from curation.config_fields import default_of, help_of
 from curation.errors import WinnowError
+from curation.export import ExportOptions
 from curation.ingest import IngestOptions
 from curation.schema import Format
 from curation.score.scoring import ScoreOptions
@@ -206,6 +207,33 @@ def report(
 
     path = build_report(Catalog(workdir), run_id or _latest_run(workdir))
     console.print(f"report: {path}")
+
+
+@app.command()
+def export(
+    run_id: Annotated[str | None, typer.Argument(help="Run id; default: the latest run.")] = None,
+    to: Annotated[str, typer.Option("--to", help="A folder (a datasets folder and JSONL are written in it) or "
+                                                 "hf:OWNER/NAME (push_to_hub).")] = "",
+    stage: Annotated[int | None, typer.Option(help=help_of(ExportOptions, "stage"))] = None,
+    per_stage: Annotated[bool, typer.Option("--per-stage", help=help_of(ExportOptions, "per_stage"))] = False,
+    curation_columns: Annotated[bool, typer.Option("--curation-columns",
+                                                   help=help_of(ExportOptions, "curation_columns"))] = False,
+    public: Annotated[bool, typer.Option("--public", help="hf:NAME only: a public hub dataset (default private).")] = False,
+    workdir: Workdir = DEFAULT_WORKDIR,
+    as_json: JsonFlag = False,
+) -> None:
+    """Export a run's kept pairs (TRL's columns, teaching order) as a datasets folder and JSONL, or to the hub."""
+    from curation.export import export_run
+    from curation.store import Catalog
+    from flows.display import Output, render_export
+
+    if not to:
+        raise WinnowError("export needs --to DIR or --to hf:OWNER/NAME")
+    options = ExportOptions(stage=stage, per_stage=per_stage, curation_columns=curation_columns, private=not public)
+    out = Output(as_json, console=None if as_json else console)
+    with out.work(steps=False):
+        result = export_run(Catalog(workdir), run_id or _latest_run(workdir), to, options)
+    out.result(result.to_dict(), lambda c: render_export(result, c))
 
 
 @app.command()

@@ -432,3 +432,16 @@ def render_summary(summary: dict[str, Any], console: Console, catalog: str | Pat
     cached = sorted(set(summary.get("cached_tasks") or []))
     if cached:
         console.print(Text(f"from cache: {', '.join(cached)} (--refresh recomputes)", style="dim"))
+
+
+def render_export(result: Any, console: Console) -> None:
+    """`winnow export`: how many pairs went where."""
+    stages = ", ".join(f"stage {k}: {v:,}" for k, v in result.rows_per_stage.items())
+    console.print(Text.from_markup(f"[bold]{result.run_id}[/]: exported {result.rows:,} kept pairs ({stages})"))
+    console.print(Text(f"columns: {', '.join(result.columns)}"), soft_wrap=True)
+    if result.files:
+        for name in result.files:
+            console.print(Text.from_markup("[bold]wrote[/]   ") + Text(shown_path(Path(result.destination) / name)),
+                          soft_wrap=True)
+    else:
+        console.print(Text.from_markup("[bold]pushed[/]  ") + Text(result.destination), soft_wrap=True)

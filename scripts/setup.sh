@@ -21,8 +21,8 @@ if [[ -n "$EXTRAS" ]] && ! command -v chromium >/dev/null 2>&1; then
   # the report and Prefect-UI tests drive a real headless chromium through playwright; where apt
   # is not there (or not root) they skip and say why
   if command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]]; then
-    (apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }) \
+    (DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }) \
       || echo "setup.sh: chromium could not be installed; the browser tests will skip" >&2
   else
     echo "setup.sh: no chromium and no apt-get as root; the browser tests will skip" >&2
