@@ -186,6 +186,29 @@ def report_tables(catalog: Catalog, run_id: str) -> dict[str, Any]:
         }
 
 
+def drop_examples(catalog: Catalog, run_id: str, per_reason: int = 3) -> pl.DataFrame:
+    """A few dropped pairs per decision reason, with texts, margin, weight and the decision's detail.
+
+    The most telling first: lowest beta weight (the farthest outliers), then the largest
+    absolute margin, then pair_id (deterministic).
+    """
+    return catalog.query(
+        """SELECT d.reason, d.pair_id, d.detail, d.weight, s.margin, p.prompt, p.chosen, p.rejected,
+                  count(*) OVER (PARTITION BY d.reason) AS reason_pairs
+           FROM decisions d JOIN pairs p USING (run_id, pair_id) LEFT JOIN scores s USING (run_id, pair_id)
+           WHERE d.run_id = ? AND NOT d.kept
+           QUALIFY row_number() OVER (PARTITION BY d.reason
+                                      ORDER BY d.weight ASC NULLS LAST, abs(s.margin) DESC NULLS LAST, d.pair_id) <= ?
+           ORDER BY reason_pairs DESC, d.reason, d.weight ASC NULLS LAST, abs(s.margin) DESC NULLS LAST, d.pair_id""",
+        [run_id, per_reason], read_only=False)
+
+
+def train_curves(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """Every logged training step of the run (train_metrics), by stage and step."""
+    return catalog.query("SELECT * EXCLUDE (run_id) FROM train_metrics WHERE run_id = ? ORDER BY stage, step",
+                         [run_id], read_only=False)
+
+
 def eval_table(catalog: Catalog, run_id: str) -> pl.DataFrame:
     return catalog.query("SELECT model, metric, round(value, 4) AS value, n FROM evals WHERE run_id = ? ORDER BY 1, 2",
                          [run_id], read_only=False)

@@ -1,4 +1,4 @@
-"""The curation report: markdown plus PNG plots, rebuilt from the catalog alone.
+"""The curation report: report.md, a self-contained report.html and PNG plots, rebuilt from the catalog alone.
 
 Why from the catalog: `winnow report RUN_ID` must work later, on another machine, from the
 DuckDB file only. The cut-offs it draws come from `runs.config.curate.resolved` (written by
@@ -17,20 +17,35 @@ import numpy as np
 import polars as pl
 
 from curation.errors import WinnowError
-from curation.reads import report_tables, why_example
+from curation.reads import drop_examples, eval_table, report_tables, train_curves, why_example
+from curation.report_doc import (
+    Block,
+    Code,
+    Example,
+    Examples,
+    Image,
+    Paragraph,
+    Report,
+    Section,
+    Table,
+    markdown_table,
+    render_markdown,
+)
 from curation.schema import DecisionReason
 from curation.store import Catalog
 
 COLOURS = {"kept": "#2a9d8f", "dropped (rules)": "#8d99ae", "beta_outlier_low": "#e76f51", "beta_outlier_high": "#e9c46a"}
 STAGE_COLOURS = ("#264653", "#2a9d8f", "#8ab17d", "#e9c46a", "#f4a261", "#e76f51", "#9b5de5", "#577590")
 PLOTS = ("margin.png", "edit_distance.png", "length_gap.png")
+TRAINING_PLOT = "training.png"  # written once the run has train_metrics rows
 
 
 def report_dir(workdir: Path | str, run_id: str) -> Path:
     return Path(workdir) / run_id / "report"
 
 
-def _load(catalog: Catalog, run_id: str) -> dict[str, Any]:
+def report_data(catalog: Catalog, run_id: str) -> dict[str, Any]:
+    """Everything the report draws, read from the catalog (the sections' ``data``)."""
     data = report_tables(catalog, run_id)
     if not data["curate"]:
         raise WinnowError(f"run {run_id} has no curation decisions yet: run `winnow curate {run_id}` first")
@@ -42,6 +57,9 @@ def _load(catalog: Catalog, run_id: str) -> dict[str, Any]:
         length_ratio_max=pl.max_horizontal("chosen_tokens", "rejected_tokens")
         / pl.max_horizontal(pl.min_horizontal("chosen_tokens", "rejected_tokens"), 1),
     )
+    data["train"] = train_curves(catalog, run_id)
+    data["evals"] = eval_table(catalog, run_id)
+    data["examples"] = drop_examples(catalog, run_id)
     return data
 
 
@@ -185,63 +203,174 @@ def _plot_lengths(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    def cell(v: Any) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|")
+def _plot_training(data: dict[str, Any], path: Path) -> None:
+    """Training curves from train_metrics across the sDPO stages (one x axis, stage boundaries marked)."""
+    import matplotlib.pyplot as plt
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    curves = data["train"]
+    offsets, start = {}, 0
+    for stage in sorted(curves["stage"].unique().to_list()):
+        offsets[stage] = start
+        start += int(curves.filter(pl.col("stage") == stage)["step"].max() or 0)
+    curves = curves.with_columns(x=pl.col("step") + pl.col("stage").replace_strict(offsets, default=0))
+    panels = (("loss", "loss"), ("rewards_margins", "reward margin (chosen - rejected)"),
+              ("rewards_accuracies", "reward accuracy"), ("beta", "beta"), ("kept_fraction", "kept fraction (in batch)"),
+              ("learning_rate", "learning rate"))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), sharex=True)
+    for ax, (column, label) in zip(axes.flat, panels, strict=True):
+        for stage in offsets:
+            part = curves.filter(pl.col("stage") == stage).drop_nulls(column)
+            if part.height:
+                ax.plot(part["x"].to_numpy(), part[column].to_numpy(), marker=".", linewidth=1.2,
+                        color=STAGE_COLOURS[(stage - 1) % len(STAGE_COLOURS)], label=f"stage {stage}")
+        for offset in offsets.values():
+            if offset:
+                _vline(ax, offset, "_nolegend_", "#888888", ":")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("optimizer step (all stages)")
+    fig.suptitle(f"Training curves ({', '.join(sorted(set(curves['objective'].drop_nulls().to_list())))})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
 
 
-def _markdown(run_id: str, data: dict[str, Any]) -> str:
-    curate, pairs = data["curate"], data["pairs"]
-    scoring, beta = curate["scoring"], curate["resolved"]["beta"]
+_table = markdown_table  # sections written as markdown lines call it by this name
+
+
+# -- sections: each one a function of (run_id, data), in report order; None leaves it out ----------
+
+
+def _lead(run_id: str, data: dict[str, Any]) -> str:
+    scoring, pairs = data["curate"]["scoring"], data["pairs"]
     total, kept = pairs.height, int(pairs["kept"].sum())
-    out = [f"# Curation report: {run_id}", "",
-           f"{total} pairs: **{kept} kept** in {data['stages'].height} stage(s), {total - kept} dropped. "
-           f"Margin source `{scoring.get('margin_source')}`, tokenizer `{scoring.get('tokenizer')}`, "
-           f"max_length {scoring.get('max_length')}.", "", "## Decisions by reason and stage", ""]
+    return (f"{total} pairs: **{kept} kept** in {data['stages'].height} stage(s), {total - kept} dropped. "
+            f"Margin source `{scoring.get('margin_source')}`, tokenizer `{scoring.get('tokenizer')}`, "
+            f"max_length {scoring.get('max_length')}.")
+
+
+def decisions_section(run_id: str, data: dict[str, Any]) -> Section:
+    total = max(data["pairs"].height, 1)
     rows = [[r["reason"], r["stage"], r["pairs"], f"{r['pairs'] / total:.1%}"] for r in data["by_reason"].to_dicts()]
-    out += [_table(["reason", "stage", "pairs", "share"], rows), "", "## Stages", ""]
+    return Section("decisions", "Decisions by reason and stage", [Table(["reason", "stage", "pairs", "share"], rows)])
+
+
+def stages_section(run_id: str, data: dict[str, Any]) -> Section:
     shards = {r["stage"]: r for r in data["shards"].to_dicts()}
     rows = [[s["stage"], s["pairs"], s["margin_min"], s["margin_max"], s["margin_mean"],
              Path(shards.get(s["stage"], {}).get("path", "")).name, (shards.get(s["stage"], {}).get("sha256") or "")[:16]]
             for s in data["stages"].to_dicts()]
     order_by = data["stages"]["order_by"][0] if data["stages"].height else ""
-    out += [f"Ordered by `{order_by}`, easy first.", "",
-            _table(["stage", "pairs", "margin min", "margin max", "margin mean", "shard", "sha256 (16)"], rows), "",
-            "## Filters", ""]
-    rows = [[r["reason"], r.get("column"), r.get("bound"),
-             _threshold_text(r.get("threshold")),
-             r.get("cutoff"), r["failing"], r["dropped"]] for r in curate["resolved"]["rules"]]
-    out += [_table(["rule", "column", "bound", "threshold", "cut-off", "failing", "dropped (first reason)"], rows), ""]
-    settings = curate["settings"]["beta"]
+    return Section("stages", "Stages", [
+        Paragraph(f"Ordered by `{order_by}`, easy first."),
+        Table(["stage", "pairs", "margin min", "margin max", "margin mean", "shard", "sha256 (16)"], rows)])
+
+
+def filters_section(run_id: str, data: dict[str, Any]) -> Section:
+    curate = data["curate"]
+    beta, settings = curate["resolved"]["beta"], curate["settings"]["beta"]
+    rows = [[r["reason"], r.get("column"), r.get("bound"), _threshold_text(r.get("threshold")), r.get("cutoff"),
+             r["failing"], r["dropped"]] for r in curate["resolved"]["rules"]]
+    blocks: list[Block] = [Table(["rule", "column", "bound", "threshold", "cut-off", "failing",
+                                  "dropped (first reason)"], rows)]
     if beta.get("mode") == "off":
-        out += ["Beta-guided filter: off.", ""]
+        blocks.append(Paragraph("Beta-guided filter: off."))
     else:
         cut = (f" Weight cut-off {beta['weight_cutoff']:.3g}: kept margins lie in "
                f"[{beta['margin_low']:.4g}, {beta['margin_high']:.4g}]." if beta.get("weight_cutoff") is not None else "")
-        out += [f"Beta-guided filter: mode `{beta['mode']}`, rho {settings['rho']}, centre `{settings['centre']}` "
-                f"({beta['centre']:.4g}), scale {beta['scale']:.4g}, seed {settings['seed']}; kept {beta['kept']}, "
-                f"dropped {beta['dropped']}.{cut}", ""]
-    if data["advice"].height:
-        advice = data["advice"].row(0, named=True)
-        evidence = json.loads(advice["evidence"])
-        out += ["## Objective advice", "", f"**{advice['objective']}** with params `{advice['params']}`.", "",
-                advice["rationale"], "", _table(["signal", "fired", "numbers"], [
-                    ["low edit distance", evidence["signals"]["low_edit"], _numbers(evidence["edit_distance"])],
-                    ["length bias", evidence["signals"]["length_bias"], _numbers(evidence["length"])],
-                    ["noisy margins", evidence["signals"]["noisy_margins"], _numbers(evidence["margins"])]]), ""]
-    out += ["## Plots", "", "![margin](margin.png)", "", "![edit distance](edit_distance.png)", "",
-            "![length gap](length_gap.png)", "", "## Ask the catalog", "",
-            "Why was a pair dropped (a pair_id prefix is enough):", "", "```sql",
-            why_example(run_id), "```", ""]
-    return "\n".join(out)
+        blocks.append(Paragraph(
+            f"Beta-guided filter: mode `{beta['mode']}`, rho {settings['rho']}, centre `{settings['centre']}` "
+            f"({beta['centre']:.4g}), scale {beta['scale']:.4g}, seed {settings['seed']}; kept {beta['kept']}, "
+            f"dropped {beta['dropped']}.{cut}"))
+    return Section("filters", "Filters", blocks)
+
+
+def advice_section(run_id: str, data: dict[str, Any]) -> Section | None:
+    if not data["advice"].height:
+        return None
+    advice = data["advice"].row(0, named=True)
+    evidence = json.loads(advice["evidence"])
+    signals = [["low edit distance", evidence["signals"]["low_edit"], _numbers(evidence["edit_distance"])],
+               ["length bias", evidence["signals"]["length_bias"], _numbers(evidence["length"])],
+               ["noisy margins", evidence["signals"]["noisy_margins"], _numbers(evidence["margins"])]]
+    return Section("advice", "Objective advice", [
+        Paragraph(f"**{advice['objective']}** with params `{advice['params']}`."), Paragraph(advice["rationale"]),
+        Table(["signal", "fired", "numbers"], signals)])
+
+
+def plots_section(run_id: str, data: dict[str, Any]) -> Section:
+    return Section("plots", "Plots", [
+        Image("margin.png", "margin", "Reward margins, kept and dropped, with the filters' cut-offs; below, the kept "
+                                      "pairs by sDPO stage with the stage boundaries."),
+        Image("edit_distance.png", "edit distance", "Token edit distance between chosen and rejected, with the "
+                                                    "low-edit cut-off and the advice's threshold."),
+        Image("length_gap.png", "length gap", "Chosen minus rejected length, and the longer/shorter ratio with its "
+                                              "cut-off.")])
+
+
+def training_section(run_id: str, data: dict[str, Any]) -> Section | None:
+    curves = data["train"]
+    if not curves.height:
+        return None
+    rows = []
+    for stage in curves.partition_by("stage", maintain_order=True):
+        first, last = stage.row(0, named=True), stage.row(-1, named=True)
+        rows.append([first["stage"], first["objective"], last["step"], first["loss"], last["loss"],
+                     last["rewards_margins"], last["rewards_accuracies"], last["beta"], last["kept_fraction"]])
+    return Section("training", "Training", [
+        Paragraph(f"{curves.height} logged steps in `train_metrics` over {len(rows)} stage(s) (`winnow query \"... FROM "
+                  f"train_metrics\"`; trackers get the same numbers through `train.report_to`)."),
+        Table(["stage", "objective", "steps", "first loss", "last loss", "last reward margin", "last accuracy",
+               "last beta", "last kept fraction"], rows),
+        Image(TRAINING_PLOT, "training curves", "Loss, reward margin and accuracy, beta, beta-DPO's kept fraction and "
+                                                "the learning rate per logged step; dotted lines: stage boundaries.")])
+
+
+def evaluation_section(run_id: str, data: dict[str, Any]) -> Section | None:
+    evals = data["evals"]
+    if not evals.height:
+        return None
+    values = {(r["model"], r["metric"]): r for r in evals.to_dicts()}
+    rows = []
+    for (model, metric), r in values.items():
+        if metric.endswith("_ref") or metric == "kl_se":
+            continue
+        ref = values.get((model, f"{metric}_ref"))
+        se = values.get((model, "kl_se")) if metric == "kl" else None
+        rows.append([model, metric, r["value"], ref["value"] if ref else None, se["value"] if se else None, r["n"]])
+    return Section("evaluation", "Evaluation", [
+        Paragraph("Held-out evaluation of the trained policy against the reference (rows of `evals`)."),
+        Table(["model", "metric", "policy", "reference", "standard error", "n"], rows)])
+
+
+def examples_section(run_id: str, data: dict[str, Any]) -> Section | None:
+    examples = data["examples"]
+    if not examples.height:
+        return None
+    blocks: list[Block] = [Paragraph("For each reason a pair was dropped, the most telling few (lowest beta weight, "
+                                     "then largest margin), whole, with the decision's own words.")]
+    for part in examples.partition_by("reason", maintain_order=True):
+        pairs = [Example(r["pair_id"], r["prompt"], r["chosen"], r["rejected"], r["margin"], r["detail"] or "",
+                         r["weight"]) for r in part.to_dicts()]
+        blocks.append(Examples(part["reason"][0], int(part["reason_pairs"][0]), pairs))
+    return Section("examples", "Dropped pairs, by reason", blocks)
+
+
+def catalog_section(run_id: str, data: dict[str, Any]) -> Section:
+    return Section("catalog", "Ask the catalog", [
+        Paragraph("Why was a pair dropped (a pair_id prefix is enough):"), Code(why_example(run_id))])
+
+
+SECTIONS = [decisions_section, plots_section, filters_section, stages_section, advice_section, training_section,
+            evaluation_section, examples_section, catalog_section]
+
+
+def report_document(run_id: str, data: dict[str, Any]) -> Report:
+    """The report as sections (curation.report_doc); both renderers draw this."""
+    sections = [s for s in (make(run_id, data) for make in SECTIONS) if s is not None]
+    return Report(f"Curation report: {run_id}", _lead(run_id, data), sections)
 
 
 def _threshold_text(threshold: dict[str, Any] | None) -> str:
@@ -257,19 +386,35 @@ def _numbers(section: dict[str, Any]) -> str:
 
 
 def build_report(catalog: Catalog, run_id: str, out_dir: Path | None = None) -> Path:
-    """Write report.md and the PNGs for a curated run; returns the markdown path."""
+    """Write report.md, report.html and the PNGs for a curated run; returns the markdown path.
+
+    Training curves and evaluation results appear once the run has `train_metrics` and `evals`
+    rows (the pipeline rebuilds the report after training).
+    """
     import matplotlib
 
+    from curation.report_html import render_html
+
     matplotlib.use("Agg")
-    data = _load(catalog, run_id)
+    data = report_data(catalog, run_id)
     out = Path(out_dir) if out_dir else report_dir(catalog.workdir, run_id)
     out.mkdir(parents=True, exist_ok=True)
     _plot_margin(data, out / "margin.png")
     _plot_edits(data, out / "edit_distance.png")
     _plot_lengths(data, out / "length_gap.png")
+    (out / TRAINING_PLOT).unlink(missing_ok=True)
+    if data["train"].height:
+        _plot_training(data, out / TRAINING_PLOT)
+    document = report_document(run_id, data)
+    (out / "report.html").write_text(render_html(document, out), encoding="utf-8")
     path = out / "report.md"
-    path.write_text(_markdown(run_id, data), encoding="utf-8")
+    path.write_text(render_markdown(document), encoding="utf-8")
     return path
+
+
+def html_path(report_path: Path) -> Path:
+    """report.html beside report.md."""
+    return Path(report_path).with_suffix(".html")
 
 
 _LOCAL_IMAGE = re.compile(r"!\[([^\]]*)\]\(([A-Za-z0-9_.-]+\.png)\)")

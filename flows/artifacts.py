@@ -61,25 +61,33 @@ class TrainingProgress(TrainerCallback):
                           f"stage {self.stage_index}/{self.total}: step {state.global_step}/{state.max_steps}")
 
 
-def publish_run_artifacts(catalog, run_id: str, summary: dict[str, Any]) -> str | None:  # noqa: ANN001
-    """Table of decisions by reason and stage, the markdown report, and the eval metrics."""
+def publish_run_artifacts(catalog, run_id: str, summary: dict[str, Any]) -> dict[str, str | None]:  # noqa: ANN001
+    """Table of decisions by reason and stage, the report (markdown, plots inlined), and the eval metrics.
+
+    After training the report is rebuilt first, so that its training curves and evaluation
+    results (train_metrics, evals) are in report.md, report.html and the artifact.
+    Returns the report's paths and the report artifact's key.
+    """
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from curation.reads import decision_counts, eval_table, has_rows
+    from curation.report import build_report, embedded_markdown, html_path
 
-    counts = decision_counts(catalog, run_id) if has_rows(catalog, "decisions", run_id) else None
-    if counts is not None:
-        create_table_artifact(key=artifact_key(run_id, "decisions"), table=counts.to_dicts(),
+    curated = has_rows(catalog, "decisions", run_id)
+    report = summary.get("report")
+    if curated and (summary.get("stages") or not report):
+        report = str(build_report(catalog, run_id))
+    if curated:
+        create_table_artifact(key=artifact_key(run_id, "decisions"), table=decision_counts(catalog, run_id).to_dicts(),
                               description=f"Pairs by decision reason and sDPO stage, run {run_id}")
     evals = eval_table(catalog, run_id)
     if evals.height:
         create_table_artifact(key=artifact_key(run_id, "evals"), table=evals.to_dicts(),
                               description="Held-out evaluation: policy vs reference")
-    report = summary.get("report")
+    html = None
     if report and Path(report).is_file():
-        from curation.report import embedded_markdown
-
         # plots inlined as data URIs: the UI renders them (it cannot read files beside report.md)
         create_markdown_artifact(key=artifact_key(run_id, "report"), markdown=embedded_markdown(Path(report)),
                                  description=f"Curation report, run {run_id}")
-    return artifact_key(run_id, "report")
+        html = str(html_path(Path(report))) if html_path(Path(report)).is_file() else None
+    return {"report": report, "report_html": html, "artifact": artifact_key(run_id, "report")}

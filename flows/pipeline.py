@@ -162,9 +162,10 @@ def _train(steps: _Steps, run_id: str, shard_dir: str, model_path: str) -> dict[
 def _finish(steps: _Steps, summary: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     report_step("publish-artifacts", "started")
-    key = tasks.publish_task.with_options(result_storage=steps.storage)(config=steps.config, run_id=summary["run_id"],
-                                                                         summary=summary)
-    report_step("publish-artifacts", "finished", time.perf_counter() - started, result=key)
+    published = tasks.publish_task.with_options(result_storage=steps.storage)(
+        config=steps.config, run_id=summary["run_id"], summary=summary)
+    summary.update({k: v for k, v in published.items() if v and k != "artifact"})
+    report_step("publish-artifacts", "finished", time.perf_counter() - started, result=published)
     summary["cached_tasks"] = steps.cached
     return summary
 

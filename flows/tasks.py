@@ -265,7 +265,7 @@ def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, referen
 
 
 @task(name="publish-artifacts", cache_policy=NO_CACHE)
-def publish_task(config: PipelineConfig, run_id: str, summary: dict[str, Any]) -> str | None:
+def publish_task(config: PipelineConfig, run_id: str, summary: dict[str, Any]) -> dict[str, str | None]:
     from flows.artifacts import publish_run_artifacts
 
     return publish_run_artifacts(_catalog(config), run_id, summary)

@@ -4,6 +4,7 @@ shapes training writes them. Builds in about a second."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from pathlib import Path
 
@@ -11,15 +12,19 @@ import numpy as np
 import polars as pl
 
 from curation.decide import CurateConfig, CurateResult, curate
+from curation.report import build_report
 from curation.stage import StageConfig
 from curation.store import Catalog
 from tests.test_curation_decisions import _ingest_and_score
 
 
 def curated_run(workdir: Path, lines: int = 300, report: bool = True) -> tuple[Catalog, str, CurateResult]:
+    """The run, and its report built after the training rows are in (as the pipeline rebuilds it after training)."""
     catalog, run_id = _ingest_and_score(workdir, lines=lines)
-    result = curate(catalog, run_id, CurateConfig(stages=StageConfig(k=2), report=report))
+    result = curate(catalog, run_id, CurateConfig(stages=StageConfig(k=2), report=False))
     add_training_rows(catalog, run_id)
+    if report:
+        result = dataclasses.replace(result, report_path=build_report(catalog, run_id))
     return catalog, run_id, result
 
 

@@ -40,11 +40,11 @@ def test_report_artifact_renders_with_its_plots_in_the_prefect_ui(tmp_path: Path
         _wait_for(f"{api}/health", 180)
 
         @flow(name="publish-report")
-        def publish() -> str | None:
+        def publish() -> dict:
             return publish_run_artifacts(catalog, run_id, {"report": str(result.report_path)})
 
         with temporary_settings({PREFECT_API_URL: api}):
-            assert publish() == artifact_key(run_id, "report")
+            assert publish()["artifact"] == artifact_key(run_id, "report")
         found = httpx.post(f"{api}/artifacts/filter",
                            json={"artifacts": {"key": {"any_": [artifact_key(run_id, "report")]}}}).json()
         assert len(found) == 1 and found[0]["type"] == "markdown"
