@@ -206,7 +206,7 @@ def report(
     from curation.store import Catalog
 
     path = build_report(Catalog(workdir), run_id or _latest_run(workdir))
-    console.print(f"report: {path}")
+    console.print(f"report: {path.with_suffix('.html')}\n        {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -206,9 +206,15 @@ def test_cli_run_output_fits_one_screen_and_json_is_one_document(small_recipe: P
     assert set(paths) == {"report", "shards", "model", "catalog"}, output
     for path in paths.values():
         assert (small_recipe.parent / path).exists() or Path(path).exists(), path
-    # the same run again with --json: cached, and stdout is exactly one JSON document
-    done = _cli(["run", "curate-and-train", "-c", str(small_recipe), "--json"], small_recipe.parent, prefect_api_url)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # the same run again with --json (in this process, against the same API: cached): stdout is one JSON document
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    with temporary_settings({PREFECT_API_URL: prefect_api_url}):
+        done = CliRunner().invoke(app, ["run", "curate-and-train", "-c", str(small_recipe), "--json"])
+    assert done.exit_code == 0, done.output[-3000:]
     document = json.loads(done.stdout)
     assert document["kept"] > 0 and len(document["stages"]) == 2 and "gold_reward" in document["eval"]
     assert "ingest" in document["cached_tasks"]
