@@ -219,14 +219,23 @@ class RunDisplay:
 # -- silencing the libraries ---------------------------------------------------------------------
 
 
+class _NoUserErrorEcho(logging.Filter):
+    """Prefect logs a failed task and flow at ERROR; for a WinnowError the CLI's own line says it already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "WinnowError" not in record.getMessage()
+
+
 @contextlib.contextmanager
-def quiet_libraries() -> Iterator[None]:
+def quiet_libraries(prefect: bool = False) -> Iterator[None]:
     """Library bars, warnings and Prefect's INFO console lines off inside the block; restored after.
 
     transformers ("Loading weights", "Writing model shards"), datasets ("Adding EOS to train
     dataset") and huggingface_hub draw their own tqdm bars; Winnow's bars go through the
     display instead. Prefect's run logs still reach its API (the UI) at INFO: only the
-    console handler is raised to WARNING. A user's own PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL wins.
+    console handler is raised to WARNING (and keeps quiet about WinnowErrors, which the CLI
+    prints as one line). A user's own PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL wins.
+    ``prefect=True`` imports Prefect here (a flow is about to run), so its handlers exist.
     """
     import datasets.utils.logging as ds_logging
     import huggingface_hub.utils as hub_utils
@@ -235,14 +244,18 @@ def quiet_libraries() -> Iterator[None]:
     saved_env = os.environ.get(PREFECT_CONSOLE_LEVEL_ENV)
     if saved_env is None:
         os.environ[PREFECT_CONSOLE_LEVEL_ENV] = "WARNING"  # for a Prefect imported later (and its server)
+    if prefect:
+        import prefect as _prefect  # noqa: F401 - sets up Prefect's logging (reads the variable above)
     handlers = _prefect_console_handlers() if saved_env is None else []
     levels = [h.level for h in handlers]
+    echo = _NoUserErrorEcho()
     tf_bars, tf_level = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
     ds_bars, ds_level = ds_logging.is_progress_bar_enabled(), ds_logging.get_verbosity()
     hub_bars = not hub_utils.are_progress_bars_disabled()
     try:
         for handler in handlers:
             handler.setLevel(logging.WARNING)
+            handler.addFilter(echo)
         tf_logging.disable_progress_bar()
         tf_logging.set_verbosity_error()
         ds_logging.disable_progress_bar()
@@ -254,6 +267,7 @@ def quiet_libraries() -> Iterator[None]:
     finally:
         for handler, level in zip(handlers, levels, strict=True):
             handler.setLevel(level)
+            handler.removeFilter(echo)
         if saved_env is None:
             os.environ.pop(PREFECT_CONSOLE_LEVEL_ENV, None)
         if tf_bars:
@@ -300,7 +314,7 @@ class Output:
             if self.json_mode:
                 stack.enter_context(contextlib.redirect_stdout(sys.stderr))
             if not self.verbose:
-                stack.enter_context(quiet_libraries())
+                stack.enter_context(quiet_libraries(prefect=steps))
             stack.enter_context(use_sink(display))
             stack.enter_context(display)
             yield display

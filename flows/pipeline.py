@@ -218,6 +218,9 @@ def run_flow(name: str, recipe: str | None, overrides: dict[str, Any], task_runn
     if name not in FLOWS:
         raise WinnowError(f"unknown flow {name!r}; flows: {', '.join(FLOWS)}")
     config = PipelineConfig.load(recipe, overrides)  # bad settings or paths fail here, in one line
+    from training.config import trackers
+
+    trackers(config.train.report_to)  # a tracker that is not installed: one line now, not after curation
     if name != "train":
         from curation.ingest import resolve_sources
 
