@@ -1,0 +1,100 @@
+"""Parse untrusted JSON into values the catalog can hold, or say why a record cannot be one.
+
+Python's json module accepts what the catalog cannot store: NaN and Infinity literals (not
+JSON), numbers that overflow a double (`1e400` becomes inf), integers of thousands of digits
+(a ValueError past 4300), nesting deep enough to exhaust the stack (RecursionError), and
+`\\ud800` escapes that decode to lone surrogates (every UTF-8 encoder refuses them later, in
+polars or DuckDB, as a traceback). Each of these becomes a `BadValue` with its quarantine reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from curation.schema import Reason
+
+# The largest integer a double holds has 309 digits; anything longer is no usable number.
+MAX_INT_DIGITS = 309
+SURROGATE = re.compile("[\ud800-\udfff]")
+# A raw text that may hold a lone surrogate: invalid bytes decoded with surrogateescape, or a
+# \uD800-\uDFFF escape. Searching the raw text is one C call; only a hit walks the value.
+_MAYBE_SURROGATE = re.compile("[\udc80-\udcff]|\\\\u[dD][89a-fA-F]")
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
+
+
+class BadValue(Exception):
+    """A record that parses but cannot be stored; carries its quarantine reason."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadValue(Reason.WRONG_TYPE, f"expected a finite number: {text[:40]} overflows a double")
+    return value
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadValue(Reason.WRONG_TYPE, f"expected a finite number: an integer of {len(text.lstrip('-'))} digits")
+    return int(text)
+
+
+def _constant(text: str) -> float:
+    raise BadValue(Reason.MALFORMED_JSON, f"{text} is not valid JSON (JSON has no NaN or Infinity)")
+
+
+DECODER = json.JSONDecoder(parse_float=_float, parse_int=_int, parse_constant=_constant)
+
+
+def parse_json(text: str) -> Any:
+    """`json.loads` with the checks above; raises BadValue (syntax errors included) and nothing else."""
+    try:
+        value = DECODER.decode(text)
+    except json.JSONDecodeError as exc:
+        raise BadValue(Reason.MALFORMED_JSON, f"{exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise BadValue(Reason.MALFORMED_JSON, "nested too deeply to parse") from None
+    check_text(text, value)
+    return value
+
+
+def check_text(raw: str, value: Any) -> None:
+    """Raise BadValue when the raw text held invalid UTF-8 or the value holds a lone surrogate."""
+    hit = _MAYBE_SURROGATE.search(raw)
+    if hit is None:
+        return
+    if _ESCAPED_BYTES.search(raw):
+        raise BadValue(Reason.UNDECODABLE_BYTES, "invalid UTF-8 in the row")
+    if has_surrogate(value):
+        raise BadValue(Reason.UNDECODABLE_BYTES, "a lone surrogate escape (\\ud800-\\udfff) is not a character")
+
+
+def has_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) inside `value` holds a surrogate code point."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def is_nonfinite_text(text: str) -> bool:
+    """Whether a text reads as a number no double holds finitely: `nan`, `inf`, `1e400`, 5000 digits."""
+    try:
+        return not math.isfinite(float(text))
+    except ValueError:
+        return False
