@@ -53,8 +53,8 @@ class IngestOptions:
         for name in ("batch_size", "max_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                flag = name.replace("_", "-")
-                raise WinnowError(f"{name} (--{flag}, ingest.{name}) must be a whole number >= 1, got {value!r}")
+                where = " (--max-bytes, ingest.max_bytes)" if name == "max_bytes" else f" (ingest.{name})"
+                raise WinnowError(f"{name}{where} must be a whole number >= 1, got {value!r}")
         fraction = self.max_bad_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
             math.isfinite(fraction) and 0.0 <= fraction <= 1.0
