@@ -70,7 +70,7 @@ def sniff(head: bytes) -> str | None:
     return None
 
 
-def _decompressor(codec: str, raw: BinaryIO) -> BinaryIO:
+def _decompressor(codec: str, raw: BinaryIO, path: Path | str) -> BinaryIO:
     if codec == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")
     if codec == "bzip2":
@@ -82,7 +82,65 @@ def _decompressor(codec: str, raw: BinaryIO) -> BinaryIO:
     except ImportError:  # pragma: no cover - see _zstd_errors
         raise WinnowError("reading .zst files needs the zstandard package: pip install 'zstandard>=0.22,<1'") from None
     reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-    return io.BufferedReader(reader)  # type: ignore[arg-type]  # zstandard's reader has readinto
+    return io.BufferedReader(_CheckedZstd(reader, path))
+
+
+class _CheckedZstd(io.RawIOBase):
+    """zstandard's stream reader, which ends quietly on a truncated file, made to say so.
+
+    At the end of the decompressed data the file's frames are walked (headers only): a file
+    that stops inside a frame raises EOFError, as gzip, bz2 and xz do.
+    """
+
+    def __init__(self, reader: BinaryIO, path: Path | str) -> None:
+        self.reader, self.path, self.checked = reader, path, False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # noqa: ANN001 - a writable buffer
+        count = self.reader.readinto(buffer)
+        if count == 0 and not self.checked:
+            self.checked = True
+            problem = zstd_frames_problem(self.path)
+            if problem:
+                raise EOFError(problem)
+        return count
+
+
+def zstd_frames_problem(path: Path | str) -> str | None:
+    """Why a .zst file's frames are incomplete (truncated), or None; reads frame and block headers only.
+
+    The layout is RFC 8878's: a frame header, then blocks of 3-byte headers (last-block bit,
+    type, size), then an optional 4-byte checksum; skippable frames carry their own size.
+    """
+    with open(path, "rb") as handle:
+        end = handle.seek(0, io.SEEK_END)
+        pos = 0
+        while pos < end:
+            handle.seek(pos)
+            magic = int.from_bytes(handle.read(4), "little")
+            if magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
+                pos += 8 + int.from_bytes(handle.read(4), "little")
+                continue
+            if magic != 0xFD2FB528:
+                return f"no zstd frame at byte {pos}"
+            descriptor = handle.read(1)[0] if pos + 5 <= end else 0
+            single = bool(descriptor & 0x20)
+            size_flag, dict_flag = descriptor >> 6, descriptor & 0x3
+            pos += 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag] + ((1 if single else 0), 2, 4, 8)[size_flag]
+            while True:
+                handle.seek(pos)
+                header = handle.read(3)
+                if len(header) < 3:
+                    return "the zstd data ends in the middle of a frame (truncated?)"
+                value = int.from_bytes(header, "little")
+                kind, size = (value >> 1) & 0x3, value >> 3
+                pos += 3 + (1 if kind == 1 else size)
+                if value & 1:
+                    break
+            pos += 4 if descriptor & 0x4 else 0
+        return "the zstd data ends in the middle of a frame (truncated?)" if pos > end else None
 
 
 @contextmanager
@@ -108,7 +166,7 @@ def open_bytes(path: Path | str) -> Iterator[BinaryIO]:
         if codec is None:
             yield raw
             return
-        stream = _decompressor(codec, raw)
+        stream = _decompressor(codec, raw, path)
         try:
             yield stream
         finally:
