@@ -23,11 +23,10 @@ from curation.errors import SourceUnavailableError, WinnowError
 from curation.ingest.compression import READ_ERRORS, describe_read_error, open_bytes
 from curation.ingest.json_array import ArrayStream, iter_elements
 from curation.ingest.sources import Source
-from curation.ingest.values import SURROGATE, BadValue, is_nonfinite_text, parse_json
+from curation.ingest.values import SURROGATE, BadValue, encodes, is_nonfinite_text, parse_json
 from curation.parquet_stream import iter_row_groups, open_parquet_stream
 from curation.schema import RAW_PREVIEW_CHARS, Reason
 
-_ESCAPED_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of invalid UTF-8
 _CHUNK = 1 << 20
 # CSV holds every value as text, so a rating of "1e400" or "nan" is only a number once the
 # format reads it; columns named like ratings are checked here so such a row is quarantined.
@@ -181,7 +180,7 @@ def _csv_header(reader: Iterator[list[str]], source: Source) -> list[str] | None
         raise WinnowError(f"{source.location}: unreadable CSV header: {exc}") from None
     except READ_ERRORS as exc:
         raise _unreadable(source, exc) from None
-    if any(_ESCAPED_BYTES.search(name) for name in header):
+    if not all(encodes(name) for name in header):  # surrogateescape's stand-ins for invalid bytes
         raise WinnowError(f"{source.location}: invalid UTF-8 in the CSV header: save the file as UTF-8")
     seen: set[str] = set()
     repeated = sorted({name for name in header if name and (name in seen or seen.add(name))})
@@ -213,9 +212,10 @@ def _csv_batches(reader: Any, source: Source, batch_size: int, max_bytes: int) -
             break
         row, start = start, reader.line_num + 1
         raw = ",".join(fields)
+        valid = raw.isascii() or encodes(raw)  # invalid bytes are surrogates here, which UTF-8 refuses
         if len(raw.encode("utf-8", errors="surrogateescape")) > max_bytes:
             batch.reject(row, Reason.TOO_LARGE, f"row exceeds max_bytes={max_bytes}", raw)
-        elif _ESCAPED_BYTES.search(raw):
+        elif not valid:
             batch.reject(row, Reason.UNDECODABLE_BYTES, "invalid UTF-8 in the row", raw)
         elif len(fields) != len(header):
             batch.reject(row, Reason.MALFORMED_ROW, f"{len(fields)} fields, header has {len(header)}", raw)

@@ -19,10 +19,9 @@ from curation.schema import Reason
 # The largest integer a double holds has 309 digits; anything longer is no usable number.
 MAX_INT_DIGITS = 309
 SURROGATE = re.compile("[\ud800-\udfff]")
-# A raw text that may hold a lone surrogate: invalid bytes decoded with surrogateescape, or a
-# \uD800-\uDFFF escape. Searching the raw text is one C call; only a hit walks the value.
-_MAYBE_SURROGATE = re.compile("[\udc80-\udcff]|\\\\u[dD][89a-fA-F]")
-_ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
+# A \uD800-\uDFFF escape in the raw text: only then can the value hold a lone surrogate, so
+# only a hit (an emoji written as an escaped pair, say) walks the value.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class BadValue(Exception):
@@ -66,14 +65,24 @@ def parse_json(text: str) -> Any:
 
 
 def check_text(raw: str, value: Any) -> None:
-    """Raise BadValue when the raw text held invalid UTF-8 or the value holds a lone surrogate."""
-    hit = _MAYBE_SURROGATE.search(raw)
-    if hit is None:
-        return
-    if _ESCAPED_BYTES.search(raw):
+    """Raise BadValue when the raw text held invalid UTF-8 or the value holds a lone surrogate.
+
+    Invalid bytes reach here as surrogateescape's surrogates, which UTF-8 refuses to encode:
+    encoding (only texts that are not ASCII) finds them several times faster than a regex.
+    """
+    if not raw.isascii() and not encodes(raw):
         raise BadValue(Reason.UNDECODABLE_BYTES, "invalid UTF-8 in the row")
-    if has_surrogate(value):
+    if _SURROGATE_ESCAPE.search(raw) and has_surrogate(value):
         raise BadValue(Reason.UNDECODABLE_BYTES, "a lone surrogate escape (\\ud800-\\udfff) is not a character")
+
+
+def encodes(text: str) -> bool:
+    """Whether `text` is valid Unicode all through (no surrogates), i.e. encodes as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def has_surrogate(value: Any) -> bool:
