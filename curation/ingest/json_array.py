@@ -113,6 +113,8 @@ class ArrayStream:
                 self.pos += extent.offset
                 extent.offset = 0
             if not self.fill():
+                if extent.depth == 0 and not extent.in_string:
+                    break  # the element is whole and the file ends right after it (no closing bracket)
                 text = preview or self.buffer[self.pos : self.pos + RAW_PREVIEW_CHARS]
                 self.pos, self.broken = len(self.buffer), True
                 return None, BadValue(Reason.MALFORMED_JSON, "the element never ends; the rest of the file "
