@@ -3,8 +3,9 @@
 `glob.glob(recursive=True)` follows every symlinked folder: a link back to its parent made it
 read one file 41 times (until the kernel's ELOOP), and two such links never finished. Here a
 folder is entered once, by the identity of what it is (device and inode), so links to folders
-still work (a data folder made of links) while loops and repeats cannot happen. Real paths
-are walked before links, so a file reachable both ways keeps its real path as its label.
+still work (a data folder made of links) while loops and repeats cannot happen. Real folders
+are walked before linked ones, so a file reachable both ways is labelled by its path through
+real folders.
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ import glob
 import os
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 
 MAGIC = re.compile(r"[*?\[]")
 
 
-def walk_files(root: Path, skip_hidden: bool = False) -> Iterator[Path]:
+def walk_files(root: Path, descend: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Every file path under `root` (links to files included), each folder entered once.
 
     The tree under `root` is walked without following links first; the linked folders it
-    holds are then walked the same way, unless their target was already entered.
+    holds are then walked the same way, unless their target was already entered. `descend`
+    says which folders below `root` are worth entering (a glob prunes what cannot match).
     """
     entered: set[tuple[int, int]] = set()
     pending: deque[Path] = deque([root])
@@ -43,8 +45,8 @@ def walk_files(root: Path, skip_hidden: bool = False) -> Iterator[Path]:
                 continue
             entered.add(key)
             here = Path(dirpath)
-            if skip_hidden:
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if descend is not None:
+                dirnames[:] = [d for d in dirnames if descend(here / d)]
             for name in sorted(dirnames):
                 if (here / name).is_symlink():
                     pending.append(here / name)  # os.walk lists links to folders but does not enter them
@@ -68,11 +70,16 @@ def _segment_matches(segment: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, segment)
 
 
-def _matches(segments: tuple[str, ...], parts: tuple[str, ...]) -> bool:
-    """`**` is any number of non-hidden names (none included); other segments match one name each."""
+def _matches(segments: tuple[str, ...], parts: tuple[str, ...], prefix: bool = False) -> bool:
+    """`**` is any number of non-hidden names (none included); other segments match one name each.
+
+    With `prefix`, whether `parts` (a folder) can begin a match, so that a walk enters it.
+    """
 
     @cache
     def match(i: int, j: int) -> bool:
+        if prefix and j == len(parts):
+            return True
         if i == len(segments):
             return j == len(parts)
         if segments[i] == "**":
@@ -88,17 +95,18 @@ def glob_files(pattern: str) -> list[Path]:
     """The paths a glob pattern matches, in glob's order (sorted text); `**` crosses folders safely.
 
     A pattern without `**` descends a fixed number of levels, so glob itself cannot loop;
-    repeats through links are dropped by the caller, which compares real paths.
+    repeats through links are dropped by the caller, which compares real paths. With `**`,
+    the walk starts in the pattern's literal folder and enters only folders that can match.
     """
     if "**" not in pattern:
         return [Path(p) for p in sorted(glob.glob(pattern))]
     root, segments = _split(pattern)
     if not root.is_dir():
         return []
-    skip_hidden = not any(s.startswith(".") for s in segments)
-    found = []
-    for path in walk_files(root, skip_hidden=skip_hidden):
-        relative = path.relative_to(root).parts
-        if _matches(tuple(segments), relative):
-            found.append(path)
+    pattern_parts = tuple(segments)
+
+    def descend(folder: Path) -> bool:
+        return _matches(pattern_parts, folder.relative_to(root).parts, prefix=True)
+
+    found = [p for p in walk_files(root, descend) if _matches(pattern_parts, p.relative_to(root).parts)]
     return sorted(found, key=str)
