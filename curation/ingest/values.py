@@ -16,8 +16,9 @@ from typing import Any
 
 from curation.schema import Reason
 
-# The largest integer a double holds has 309 digits; anything longer is no usable number.
-MAX_INT_DIGITS = 309
+# Every integer of up to 308 digits is below 1e308 and converts to a finite double (the format
+# layer turns scores into floats); a longer one may not, and is no usable number.
+MAX_INT_DIGITS = 308
 SURROGATE = re.compile("[\ud800-\udfff]")
 # A \uD800-\uDFFF escape in the raw text: only then can the value hold a lone surrogate, so
 # only a hit (an emoji written as an escaped pair, say) walks the value.
