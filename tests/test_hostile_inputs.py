@@ -20,10 +20,13 @@ import lzma
 import math
 import os
 import sys
+import tempfile
 import tracemalloc
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from curation.errors import WinnowError
 from curation.ingest import IngestOptions, ingest
@@ -444,3 +447,39 @@ def test_compressed_reader_memory_is_flat_in_file_size(tmp_path: Path) -> None:
 
     small, large = peak(2_500), peak(20_000)
     assert large < 1.3 * small, (small, large)
+
+
+# -- the JSON array scanner, at every chunk boundary ----------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.sampled_from('ab ,[]{}":\\\n\té€😀'), max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(items=st.lists(json_values, max_size=8), chunk=st.integers(1, 9), indent=st.sampled_from([None, 1]),
+       cut=st.integers(0, 10**6), junk=st.sampled_from(["", ",", "]", "}", '"', "x", "\\"]))
+def test_json_array_reader_matches_json_and_never_crashes(tmp_path: Path, monkeypatch, items, chunk, indent, cut,
+                                                          junk) -> None:  # noqa: ANN001
+    """Any array, read through chunks of 1-9 characters: exactly json's elements; cut or spliced, rows and no crash."""
+    from curation.ingest import json_array
+
+    monkeypatch.setattr(json_array, "_CHUNK", chunk)
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    text = json.dumps(items, indent=indent, ensure_ascii=bool(cut % 2))
+    path = write(folder, {"a.json": "\ufeff" + text})[0]
+    rows = [r for b in read_json_array(Source("json", str(path)), 4, 10**6) for r in (*b.records, *b.rejects)]
+    records = [r for b in read_json_array(Source("json", str(path)), 4, 10**6) for r in b.records]
+    assert records == [(i, v) for i, v in enumerate(items, start=1) if isinstance(v, dict)]
+    assert len(rows) == len(items)
+    broken = text[: cut % (len(text) + 1)] + junk + text[cut % (len(text) + 1):]
+    path.write_text(broken, encoding="utf-8")
+    try:
+        batches = list(read_json_array(Source("json", str(path)), 4, 10**6))
+    except WinnowError:
+        return  # not an array at all: one line
+    indexes = [r["source_row"] for b in batches for r in b.rejects] + [i for b in batches for i, _ in b.records]
+    assert len(set(indexes)) == len(indexes) and all(i >= 1 for i in indexes)
