@@ -39,6 +39,29 @@ class IngestOptions:
                                            "and the tokenizer).")
     max_bad_fraction: float = setting(0.5, help="Fail the run when a larger share of rows is quarantined.")
 
+    def __post_init__(self) -> None:
+        """Refuse values that would silently disable a check (NaN compares false with everything) in one line."""
+        import math
+
+        from curation.errors import WinnowError
+
+        try:
+            object.__setattr__(self, "format", Format(self.format))
+        except ValueError:
+            raise WinnowError(f"unknown ingest format {self.format!r}; choose one of "
+                              f"{', '.join(f.value for f in Format)}") from None
+        for name in ("batch_size", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                where = " (--max-bytes, ingest.max_bytes)" if name == "max_bytes" else f" (ingest.{name})"
+                raise WinnowError(f"{name}{where} must be a whole number >= 1, got {value!r}")
+        fraction = self.max_bad_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not (
+            math.isfinite(fraction) and 0.0 <= fraction <= 1.0
+        ):
+            raise WinnowError(f"max_bad_fraction (--max-bad-fraction, ingest.max_bad_fraction) must be a number "
+                              f"in [0, 1], got {fraction!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return {k: (v.value if isinstance(v, Format) else v) for k, v in asdict(self).items()}
 
