@@ -56,9 +56,9 @@ class IngestOptions:
 
     format: Format = setting(Format.AUTO, help="Input shape (docs/datasets.md); detected per source when auto; "
                                                "scored: detect it and require ratings.")
-    columns: dict[str, str] = setting(default_factory=dict, help="Column mapping, target=column: prompt, chosen, "
-                                      "rejected, system, score_chosen, score_rejected, tools, responses, ratings "
-                                      "(CLI: --columns prompt=question,system=system).")
+    columns: dict[str, str] = setting(default_factory=dict, help="Read columns under other names, target=column "
+                                      "(e.g. prompt=question,system=system); targets: prompt, chosen, rejected, "
+                                      "system, score_chosen, score_rejected, tools, responses, ratings.")
     pairing: Pairing = setting(Pairing.BEST_VS_WORST, help="Multi-response rows to pairs: best-vs-worst, "
                                                            "best-vs-rest or all-pairs.")
     rating: Rating = setting(Rating.OVERALL, help="Which rating ranks openbmb/UltraFeedback completions: overall, "

@@ -19,11 +19,12 @@ TARGETS = ("prompt", "chosen", "rejected", "system", "score_chosen", "score_reje
            "ratings")
 
 # Words that name each role in public sets' columns, for the suggestion in the "cannot detect" error.
+# System first, so `system_prompt` is not taken for the prompt.
 _HINTS: dict[str, tuple[str, ...]] = {
-    "prompt": ("prompt", "question", "instruction", "input", "query", "history", "context", "post", "text"),
+    "system": ("system",),
     "chosen": ("chosen", "preferred", "better", "winner", "good", "positive", "accepted"),
     "rejected": ("rejected", "dispreferred", "worse", "loser", "bad", "negative"),
-    "system": ("system",),
+    "prompt": ("prompt", "question", "instruction", "input", "query", "history", "context", "post", "text"),
 }
 
 

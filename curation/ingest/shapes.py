@@ -204,11 +204,11 @@ SHAPES: tuple[Shape, ...] = (
     Shape("helpsteer2", _all("response_1", "response_2", "preference_strength"), helpsteer2,
           "`prompt` (multi-turn joined by `<extra_id_1>`), `response_1`, `response_2`, `preference_strength`",
           "negative: response_1 chosen, positive: response_2, 0: tie (quarantined); "
-          "score_chosen = |strength|, score_rejected = 0", "nvidia/HelpSteer2 (preference)"),
+          "score_chosen = abs(strength), score_rejected = 0", "nvidia/HelpSteer2 (preference)"),
     Shape("helpsteer3", _all("context", "response1", "response2", "overall_preference"), helpsteer3,
           "`context` (messages), `response1`, `response2`, `overall_preference`",
           "negative: response1 chosen, positive: response2, 0: tie (quarantined); "
-          "score_chosen = |preference|, score_rejected = 0", "nvidia/HelpSteer3 (preference)"),
+          "score_chosen = abs(preference), score_rejected = 0", "nvidia/HelpSteer3 (preference)"),
     Shape("ranked", lambda r: "prompt" in r and _is_list(r, "responses", "ratings"), formats.ranked,
           "`prompt`, `responses` (list) and `ratings` (list, one per response)",
           "ranked by `ratings`, then `ingest.pairing`", "any multi-response set (or via --columns)"),
@@ -257,6 +257,6 @@ def recognise(record: dict[str, Any]) -> Shape | None:
 
 def markdown_table() -> str:
     """The supported shapes as the table docs/datasets.md and the README show."""
-    lines = ["| shape | reads | recognised by | pairs made |", "|---|---|---|---|"]
-    lines += [f"| `{s.name}` | {s.reads} | {s.recognised_by} | {s.pairs_made} |" for s in SHAPES]
+    lines = ["| shape | recognised by | pairs made | for |", "|---|---|---|---|"]
+    lines += [f"| `{s.name}` | {s.recognised_by} | {s.pairs_made} | {s.reads} |" for s in SHAPES]
     return "\n".join(lines)
