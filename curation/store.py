@@ -229,7 +229,7 @@ class Catalog:
         for name, columns in self._tables.items():
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
         present = {(t, c) for t, c in con.execute(
-            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main'").fetchall()}
+            "SELECT table_name, column_name FROM duckdb_columns() WHERE schema_name = 'main' AND NOT internal").fetchall()}
         for name, columns in self._tables.items():
             for column, kind in _column_types(columns):
                 if (name, column) not in present:

@@ -295,7 +295,7 @@ def _stage_batch(
 ) -> tuple[int, int]:
     """Stage one batch; returns (rows that made no candidate, candidates made)."""
     normalised, rejects = normalise_batch(raw, layout, pairing)
-    frame = pl.DataFrame(normalised.columns, schema_overrides=_FRAME_TYPES)
+    frame = pl.DataFrame(normalised.frame_columns(), schema_overrides=_FRAME_TYPES)
     frame = frame.with_columns(
         *(pl.col(c).cast(pl.String) for c in ("prompt_messages", "chosen_messages", "rejected_messages", "tools",
                                               "pairing"))

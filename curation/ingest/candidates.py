@@ -27,33 +27,38 @@ class Reject(Exception):
 
 @dataclass
 class Normalised:
-    """Candidate pairs of one batch, by column; `pair_index` numbers the pairs of a row from 0."""
+    """Candidate pairs of one batch; `pair_index` numbers the pairs of a row from 0.
 
-    columns: dict[str, list[Any]] = field(default_factory=lambda: {n: [] for n in (*COLUMNS, "source_row",
-                                                                                   "pair_index")})
+    Rows append their tuples; :meth:`frame_columns` turns them into columns in one transposition
+    (``zip(*...)`` runs in C), which keeps the per-row cost of a big single-pair ingest down.
+    """
+
+    source_rows: list[int] = field(default_factory=list)
+    pair_indexes: list[int] = field(default_factory=list)
+    candidates: list[Candidate] = field(default_factory=list)
 
     def add(self, row: int, candidates: list[Candidate]) -> None:
-        c = self.columns
+        if len(candidates) == 1:
+            self.source_rows.append(row)
+            self.pair_indexes.append(0)
+            self.candidates.append(candidates[0])
+            return
+        self.source_rows.extend([row] * len(candidates))
+        self.pair_indexes.extend(range(len(candidates)))
+        self.candidates.extend(candidates)
+
+    def frame_columns(self) -> dict[str, list[Any]]:
+        """Column name -> values; message lists as JSON text."""
+        values = list(zip(*self.candidates, strict=True)) if self.candidates else [() for _ in COLUMNS]
+        columns = {name: list(v) for name, v in zip(COLUMNS, values, strict=True)}
         dumps = json.dumps
-        for index, candidate in enumerate(candidates):
-            c["source_row"].append(row)
-            c["pair_index"].append(index)
-            c["prompt"].append(candidate[0])
-            c["chosen"].append(candidate[1])
-            c["rejected"].append(candidate[2])
-            for name, value in zip(("prompt_messages", "chosen_messages", "rejected_messages"), candidate[3:6],
-                                   strict=True):
-                c[name].append(dumps(value, ensure_ascii=False) if value is not None else None)
-            c["score_chosen"].append(candidate[6])
-            c["score_rejected"].append(candidate[7])
-            c["tools"].append(candidate[8])
-            c["pairing"].append(candidate[9])
+        for name in ("prompt_messages", "chosen_messages", "rejected_messages"):
+            column = columns[name]
+            if any(m is not None for m in column):
+                columns[name] = [dumps(m, ensure_ascii=False) if m is not None else None for m in column]
+        columns["source_row"] = self.source_rows
+        columns["pair_index"] = self.pair_indexes
+        return columns
 
     def __len__(self) -> int:
-        return len(self.columns["source_row"])
-
-    @property
-    def rows(self) -> int:
-        """Input rows that made at least one candidate."""
-        rows = self.columns["source_row"]
-        return len(set(rows)) if rows else 0
+        return len(self.source_rows)
