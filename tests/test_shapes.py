@@ -7,6 +7,8 @@ types of the dataset card); the texts are made up. Expected pairs are checked ex
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -406,3 +408,46 @@ def test_docs_and_readme_list_every_shape_in_one_table() -> None:
     table = markdown_table()
     assert table in (ROOT / "docs" / "datasets.md").read_text()
     assert table in (ROOT / "README.md").read_text()
+
+
+# -- the CLI and the settings ------------------------------------------------------------------------
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "WINNOW_NO_PROGRESS": "1",
+                               "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+
+
+def test_cli_ingest_names_the_shape_maps_columns_and_counts_rows_and_pairs(tmp_path: Path) -> None:
+    path = tmp_path / "custom.jsonl"
+    path.write_text(json.dumps({"query": "Name a colour.", "good": "Teal.", "bad": "Seven."}) + "\n")
+    proc = _cli(["ingest", str(path), "-w", "ws", "--columns", "prompt=query,chosen=good,rejected=bad"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "explicit" in proc.stdout and "1 rows read = 1 pairs + 0 quarantined" in proc.stdout
+    proc = _cli(["ingest", str(FIXTURES / "ultrafeedback_raw.jsonl"), "-w", "ws", "--pairing", "best-vs-rest"],
+                tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "ultrafeedback-raw" in proc.stdout
+    assert "3 rows read = 2 rows that made 5 pairs + 1 quarantined rows" in proc.stdout
+    proc = _cli(["ingest", str(path), "-w", "ws", "--columns", "prompt"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--columns expects TARGET=COLUMN" in proc.stderr
+
+
+def test_columns_and_pairing_are_settings_of_recipes_and_deployments(tmp_path: Path) -> None:
+    from flows.config import PipelineConfig
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("sources: [data.jsonl]\ningest:\n  columns: {prompt: question, system: system}\n"
+                      "  pairing: all-pairs\n  min_rating_gap: 1.5\n  rating: honesty\n")
+    config = PipelineConfig.load(recipe)
+    assert config.ingest.columns == {"prompt": "question", "system": "system"}
+    assert config.ingest.to_dict() == {**IngestOptions().to_dict(), "columns": config.ingest.columns,
+                                            "pairing": "all-pairs", "min_rating_gap": 1.5, "rating": "honesty"}
+    with pytest.raises(WinnowError, match="ingest.pairing"):
+        PipelineConfig.load(overrides={"sources": ["x.jsonl"], "ingest.pairing": "best"})
+    with pytest.raises(WinnowError, match="unknown target"):
+        IngestOptions(columns={"question": "q"}).pairing_options()
+    with pytest.raises(WinnowError, match="min_rating_gap"):
+        IngestOptions(min_rating_gap=-1).pairing_options()
