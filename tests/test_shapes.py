@@ -451,3 +451,14 @@ def test_columns_and_pairing_are_settings_of_recipes_and_deployments(tmp_path: P
         IngestOptions(columns={"question": "q"}).pairing_options()
     with pytest.raises(WinnowError, match="min_rating_gap"):
         IngestOptions(min_rating_gap=-1).pairing_options()
+
+
+def test_empty_or_unrated_responses_are_left_out_of_the_ranking(tmp_path: Path) -> None:
+    rows = [{"prompt": "p1", "responses": ["good", " ", "ok"], "ratings": [5, 1, 3]},  # the blank is not the worst
+            {"prompt": "p2", "responses": ["only", "", None], "ratings": [5, 1, 2]},
+            {"prompt": "p3", "responses": ["a", "b"], "ratings": [None, "N/A"]}]
+    path = tmp_path / "ranked.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result, catalog = run(tmp_path, path, max_bad_fraction=1.0)
+    assert pairs(catalog, "chosen, rejected, score_chosen, score_rejected") == [("good", "ok", 5.0, 3.0)]
+    assert quarantine(catalog) == [(2, "too_few_responses"), (3, "wrong_type")]  # "N/A" is no number here

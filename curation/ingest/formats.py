@@ -191,6 +191,7 @@ def ranked(record: dict[str, Any], options: PairingOptions) -> list[Candidate]:
     usable = []
     for i, (response, rating) in enumerate(zip(responses, ratings, strict=True)):
         value = number(rating, f"ratings[{i}]")
-        usable.append(value if isinstance(response, str) and value is not None and not math.isnan(value) else None)
+        ok = isinstance(response, str) and bool(response.strip()) and value is not None and not math.isnan(value)
+        usable.append(value if ok else None)
     return ranked_candidates(prompt, responses, usable, options, record.get("system"),
                              check_tools(record.get("tools")), as_messages="system" in record)

@@ -9,8 +9,9 @@ A strategy turns the ratings of one row into (chosen, rejected) index pairs:
 A pair is made only when the chosen rating is higher than the rejected one by at least
 ``min_rating_gap`` (and by more than nothing: ties never become a pair). When several responses
 share the top (or bottom) rating, the first of them in the row's order is taken, so the
-result is deterministic. A row that makes no pair says why: ``too_few_responses`` (fewer than
-two usable ratings), ``tie`` (all rated alike) or ``below_min_gap``.
+result is deterministic. Responses without a usable rating (missing, "N/A") or with an empty
+text are left out of the ranking. A row that makes no pair says why: ``too_few_responses``
+(fewer than two usable responses), ``tie`` (all rated alike) or ``below_min_gap``.
 """
 
 from __future__ import annotations

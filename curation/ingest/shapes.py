@@ -83,7 +83,9 @@ def ultrafeedback_raw(record: dict[str, Any], options: PairingOptions) -> list[C
     (completions,) = require(record, ("completions",), list, "a list")
     responses, ratings = [], []
     for completion in completions:
-        ok = isinstance(completion, dict) and isinstance(completion.get("response"), str)
+        # an empty response cannot be a side of a pair: it is left out of the ranking, not paired and dropped
+        ok = isinstance(completion, dict) and isinstance(completion.get("response"), str) \
+            and bool(completion["response"].strip())
         responses.append(completion.get("response") if ok else None)
         ratings.append(_uf_rating(completion, options.rating) if ok else None)
     return ranked_candidates(instruction, responses, ratings, options)
