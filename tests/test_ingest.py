@@ -484,7 +484,7 @@ shape_lines = {
 junk = st.sampled_from(['{"broken', "[]", "null", '{"chosen": 1}'])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(files=st.lists(st.sampled_from(sorted(shape_lines)).flatmap(
            lambda shape: st.tuples(st.just(shape), st.lists(st.one_of(shape_lines[shape], shape_lines[shape], junk),
                                                             min_size=1, max_size=12))), min_size=1, max_size=3),
