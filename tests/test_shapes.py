@@ -462,3 +462,16 @@ def test_empty_or_unrated_responses_are_left_out_of_the_ranking(tmp_path: Path) 
     result, catalog = run(tmp_path, path, max_bad_fraction=1.0)
     assert pairs(catalog, "chosen, rejected, score_chosen, score_rejected") == [("good", "ok", 5.0, 3.0)]
     assert quarantine(catalog) == [(2, "too_few_responses"), (3, "wrong_type")]  # "N/A" is no number here
+
+
+def test_a_workspace_from_before_the_new_pair_columns_still_ingests(tmp_path: Path) -> None:
+    """Older catalogs lack pairs.tools, pairing and pair_index: opening one adds them."""
+    from curation.store import TABLES
+
+    old_pairs = "\n".join(line for line in TABLES["pairs"].splitlines()
+                          if not any(name in line for name in ("tools", "pairing", "pair_index")))
+    with Catalog(tmp_path / "ws", tables={**TABLES, "pairs": old_pairs}).connect() as con:
+        columns = {r[0] for r in con.execute("DESCRIBE pairs").fetchall()}
+    assert "tools" not in columns
+    result, catalog = run(tmp_path, FIXTURES / "tool_calls.jsonl")
+    assert result.pairs == 2 and pairs(catalog, "pairing, pair_index") == [("given", 0)] * 2
