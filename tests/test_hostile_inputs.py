@@ -483,3 +483,17 @@ def test_json_array_reader_matches_json_and_never_crashes(tmp_path: Path, monkey
         return  # not an array at all: one line
     indexes = [r["source_row"] for b in batches for r in b.rejects] + [i for b in batches for i, _ in b.records]
     assert len(set(indexes)) == len(indexes) and all(i >= 1 for i in indexes)
+
+
+def test_non_finite_scores_written_as_text_are_quarantined(tmp_path: Path) -> None:
+    """A score of "1e400" or "nan" as text (CSV cells, JSON strings, hub rows) never becomes a rating."""
+    rows = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b", "score_chosen": value, "score_rejected": 1.0}
+            for i, value in enumerate(["1e400", "nan", "-inf", "2.5"])]
+    path = tmp_path / "scores.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    catalog = Catalog(tmp_path / "ws")
+    result = ingest([str(path)], catalog, IngestOptions(max_bad_fraction=1.0), progress=False)
+    assert result.pairs == 1 and result.quarantined == 3
+    reasons = catalog.query("SELECT source_row, reason, detail FROM quarantine ORDER BY source_row")
+    assert reasons["reason"].to_list() == ["wrong_type"] * 3 and reasons["source_row"].to_list() == [1, 2, 3]
+    assert all("finite" in d for d in reasons["detail"].to_list())

@@ -63,7 +63,13 @@ def number(value: Any, key: str) -> float | None:
             raise Reject(Reason.WRONG_TYPE, f"expected a number: {key} is {value[:30]!r}") from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Reject(Reason.WRONG_TYPE, f"expected a number: {key} is {type(value).__name__}")
-    return float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond a double's range
+        value = math.inf
+    if not math.isfinite(value):  # "1e400" or "nan" as text, or a hub dataset's inf/NaN
+        raise Reject(Reason.WRONG_TYPE, f"expected a finite number: {key} is {value}")
+    return value
 
 
 def scores(record: dict[str, Any], required: bool) -> tuple[float | None, float | None]:
