@@ -107,7 +107,7 @@ def kept_pair_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.Dat
         return fetch_polars(con, """
             SELECT o.stage, o.stage_position, p.pair_id, p.prompt, p.chosen, p.rejected,
                    p.prompt_messages::VARCHAR AS prompt_messages, p.chosen_messages::VARCHAR AS chosen_messages,
-                   p.rejected_messages::VARCHAR AS rejected_messages,
+                   p.rejected_messages::VARCHAR AS rejected_messages, p.tools::VARCHAR AS tools,
                    s.ref_chosen_logps, s.ref_rejected_logps
             FROM _order o
             JOIN pairs p ON p.run_id = ? AND p.pair_id = o.pair_id

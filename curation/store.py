@@ -49,11 +49,14 @@ TABLES: dict[str, str] = {
         prompt_messages JSON,
         chosen_messages JSON,
         rejected_messages JSON,
+        tools JSON,
         score_chosen DOUBLE,
         score_rejected DOUBLE,
         source VARCHAR,
         source_row BIGINT,
+        pair_index INTEGER,
         format VARCHAR,
+        pairing VARCHAR,
         PRIMARY KEY (run_id, pair_id)
     """,
     "quarantine": """
@@ -163,6 +166,16 @@ def _table_columns(ddl: str) -> list[str]:
     return names
 
 
+def _column_types(ddl: str) -> list[tuple[str, str]]:
+    """(name, type) of each column of a TABLES entry, for adding it to an older table."""
+    out = []
+    for part in ddl.replace("\n", " ").split(","):
+        words = part.strip().split()
+        if len(words) >= 2 and words[0].upper() not in ("PRIMARY", "KEY", "UNIQUE") and not words[0].endswith(")"):
+            out.append((words[0], " ".join(words[1:])))
+    return out
+
+
 def catalog_path(workdir: Path | str) -> Path:
     return Path(workdir) / CATALOG_NAME
 
@@ -212,8 +225,15 @@ class Catalog:
             con.execute("COMMIT")
 
     def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Create missing tables, and add the columns a newer Winnow declares to a workspace's older tables."""
         for name, columns in self._tables.items():
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+        present = {(t, c) for t, c in con.execute(
+            "SELECT table_name, column_name FROM duckdb_columns() WHERE schema_name = 'main' AND NOT internal").fetchall()}
+        for name, columns in self._tables.items():
+            for column, kind in _column_types(columns):
+                if (name, column) not in present:
+                    con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     # -- writes --------------------------------------------------------------------
     def replace_slice(self, con: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame | pa.Table,

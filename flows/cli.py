@@ -17,7 +17,8 @@ from curation.config_fields import default_of, help_of
 from curation.errors import WinnowError
 from curation.export import ExportOptions
 from curation.ingest import IngestOptions
-from curation.schema import Format
+from curation.ingest.multi_response import Pairing, PreferenceLabel, Rating
+from curation.ingest.shapes import Format
 from curation.score.scoring import ScoreOptions
 from training.config import TrainConfig
 from training.tiny_config import DEFAULT_MODEL
@@ -34,6 +35,8 @@ err_console = Console(stderr=True)
 
 MODEL_HELP = "Reference/start model: winnow-tiny (built locally from the run's pairs), a local path or a hub id."
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace holding catalog.duckdb and run folders.")]
+Columns = Annotated[str | None, typer.Option("--columns", metavar="TARGET=COLUMN,...",
+                                             help=help_of(IngestOptions, "columns"))]
 DEFAULT_WORKDIR = Path("runs")
 
 
@@ -64,14 +67,25 @@ def ingest(
         IngestOptions, "max_bad_fraction"),
     max_bytes: Annotated[int, typer.Option(help=help_of(IngestOptions, "max_bytes"))] = default_of(
         IngestOptions, "max_bytes"),
+    columns: Columns = None,
+    pairing: Annotated[Pairing, typer.Option(help=help_of(IngestOptions, "pairing"))] = default_of(
+        IngestOptions, "pairing"),
+    rating: Annotated[Rating, typer.Option(help=help_of(IngestOptions, "rating"))] = default_of(IngestOptions, "rating"),
+    min_rating_gap: Annotated[float, typer.Option(help=help_of(IngestOptions, "min_rating_gap"))] = default_of(
+        IngestOptions, "min_rating_gap"),
+    preference_label: Annotated[PreferenceLabel, typer.Option(help=help_of(IngestOptions, "preference_label"))] = (
+        default_of(IngestOptions, "preference_label")),
     as_json: JsonFlag = False,
 ) -> None:
-    """Read preference pairs into the catalog and print the accounting table."""
+    """Read preference pairs into the catalog and print the accounting table (shapes: docs/datasets.md)."""
     from curation.ingest import ingest as run_ingest
+    from curation.ingest.mapping import parse_columns
     from curation.store import Catalog
     from flows.display import Output, accounting_document, render_accounting
 
-    options = IngestOptions(format=format, max_bad_fraction=max_bad_fraction, max_bytes=max_bytes)
+    options = IngestOptions(format=format, max_bad_fraction=max_bad_fraction, max_bytes=max_bytes,
+                            columns=parse_columns(columns), pairing=pairing, rating=rating,
+                            min_rating_gap=min_rating_gap, preference_label=preference_label)
     out = Output(as_json, console=None if as_json else console)
     with out.work(steps=False):
         result = run_ingest(sources, Catalog(workdir), options, run_id=run_id)
@@ -185,6 +199,7 @@ def curate(
     sets: Sets = None,
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    columns: Columns = None,
     task_runner: Runner = None,
     refresh: Refresh = False,
     as_json: JsonFlag = False,
@@ -192,8 +207,15 @@ def curate(
 ) -> None:
     """Ingest, score, filter, stage and shard in one go (the `curate` flow)."""
     overrides = _overrides(sets, sources=list(sources), workdir=str(workdir) if workdir else None, model=model,
-                           refresh=refresh or None)
+                           refresh=refresh or None, **_columns_override(columns))
     _run("curate", recipe, overrides, task_runner, as_json, verbose)
+
+
+def _columns_override(columns: str | None) -> dict:
+    """--columns as the `ingest.columns` setting (a mapping), parsed and checked here."""
+    from curation.ingest.mapping import parse_columns
+
+    return {"ingest.columns": parse_columns(columns)} if columns else {}
 
 
 @app.command()
@@ -266,6 +288,7 @@ def run(
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
     objective: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "objective"))] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    columns: Columns = None,
     task_runner: Runner = None,
     refresh: Refresh = False,
     shards: Annotated[Path | None, typer.Option("--shards", help="For the train flow: a curated run folder.")] = None,
@@ -276,7 +299,7 @@ def run(
     --source it runs the demo with the demo recipe (flows/recipes/demo.yaml)."""
     overrides = _overrides(sets, sources=list(sources) if sources else None,
                            workdir=str(workdir) if workdir else None, model=model, refresh=refresh or None,
-                           **{"train.objective": objective})
+                           **{"train.objective": objective}, **_columns_override(columns))
     params = {"shards": str(shards)} if flow_name == "train" else {}
     if flow_name == "train" and shards is None:
         raise WinnowError("the train flow needs --shards RUN_DIR")

@@ -378,20 +378,31 @@ def _frame(rows: list[dict[str, Any]]):  # noqa: ANN202 - polars frame
 
 
 def render_accounting(result: Any, console: Console) -> None:
-    """`winnow ingest`: rows read = pairs + quarantined, per source and by reason."""
+    """`winnow ingest`: rows read = pairs + quarantined (rows that made several pairs: candidates too)."""
     import polars as pl
 
-    print_frame(result.accounting, console, title=f"run {result.run_id}: rows read = pairs + quarantined")
+    accounting = result.accounting
+    multi = result.pairs != result.rows_paired  # some row made several pairs
+    title = (f"run {result.run_id}: rows read = rows paired + rows quarantined; candidates = pairs + quarantined "
+             "pairs" if multi else f"run {result.run_id}: rows read = pairs + quarantined")
+    shown = accounting if multi else accounting.select("source", "shape", "rows_read", "pairs", "quarantined")
+    print_frame(shown, console, title=title)
     if result.reasons.height:
         print_frame(result.reasons.sort("rows", descending=True), console, title="quarantined, by reason")
-    total = result.accounting.select(pl.col("rows_read", "pairs", "quarantined").sum()).row(0)
-    console.print(f"[bold]{total[0]}[/] rows read = [green]{total[1]}[/] pairs + [yellow]{total[2]}[/] quarantined")
+    total = accounting.select(pl.col("rows_read", "pairs", "quarantined", "rows_paired", "rows_quarantined").sum()).row(0)
+    if multi:
+        console.print(f"[bold]{total[0]}[/] rows read = [green]{total[3]}[/] rows that made [green]{total[1]}[/] pairs "
+                      f"+ [yellow]{total[4]}[/] quarantined rows ({total[2]} quarantine rows in all)")
+    else:
+        console.print(f"[bold]{total[0]}[/] rows read = [green]{total[1]}[/] pairs + [yellow]{total[2]}[/] quarantined")
 
 
 def accounting_document(result: Any) -> dict[str, Any]:
+    """`winnow ingest --json`: the same accounting, for scripts."""
     return {"run_id": result.run_id, "rows_read": result.rows_read, "pairs": result.pairs,
-            "quarantined": result.quarantined, "accounting": result.accounting.to_dicts(),
-            "quarantined_by_reason": result.reasons.to_dicts(), "formats": result.layouts}
+            "quarantined": result.quarantined, "rows_paired": result.rows_paired,
+            "rows_quarantined": result.rows_quarantined, "accounting": result.accounting.to_dicts(),
+            "quarantined_by_reason": result.reasons.to_dicts(), "shapes": result.layouts}
 
 
 def _eval_items(metrics: dict[str, Any]) -> list[str]:
