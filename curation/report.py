@@ -363,6 +363,8 @@ def catalog_section(run_id: str, data: dict[str, Any]) -> Section:
         Paragraph("Why was a pair dropped (a pair_id prefix is enough):"), Code(why_example(run_id))])
 
 
+# A section written as markdown lines (with its "## Title") joins as
+# `lambda run_id, data: markdown_section("key", lines_of(data))` (curation.report_doc.markdown_section).
 SECTIONS = [decisions_section, plots_section, filters_section, stages_section, advice_section, training_section,
             evaluation_section, examples_section, catalog_section]
 

@@ -91,6 +91,21 @@ class Report:
     sections: list[Section]
 
 
+def markdown_section(key: str, lines: Sequence[str]) -> Section:
+    """A section written as markdown lines that start with its own ``## Title`` heading.
+
+    How a section written for the old single-markdown report joins ``SECTIONS`` unchanged:
+    ``lambda run_id, data: markdown_section("lengths", _lengths_markdown(data))``.
+    """
+    lines = list(lines)
+    if not lines or not lines[0].startswith("## "):
+        raise ValueError(f"section {key!r}: markdown lines must start with a '## Title' heading")
+    body = lines[1:]
+    while body and not body[0].strip():
+        body = body[1:]
+    return Section(key, lines[0][3:].strip(), [Markdown(body)])
+
+
 # -- markdown ---------------------------------------------------------------------------------------
 
 

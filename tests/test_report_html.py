@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from curation.report import SECTIONS, html_path, report_data, report_document
+from curation.report import SECTIONS, _table, html_path, report_data, report_document
 from curation.report_doc import (
     Example,
     Examples,
@@ -18,6 +18,7 @@ from curation.report_doc import (
     Report,
     Section,
     Table,
+    markdown_section,
     render_markdown,
 )
 from curation.report_html import render_html
@@ -85,12 +86,17 @@ def test_a_new_section_appears_in_markdown_and_html(run, tmp_path: Path, monkeyp
             Paragraph("over **max_length**: 3"), Table(["pairs", "share"], [[3, "1.0%"]]),
             Markdown(["| a | b |", "|---|---|", "| 1 | 2 |", "", "![extra plot](extra.png)", ""])])
 
-    monkeypatch.setattr("curation.report.SECTIONS", [*SECTIONS, extra])
+    def written_as_markdown(run_id: str, data: dict) -> Section:  # a section of the old single-markdown report
+        return markdown_section("dups", ["## Near-duplicates", "", "**2 clusters**", "", _table(["size"], [[2]]), ""])
+
+    monkeypatch.setattr("curation.report.SECTIONS", [*SECTIONS, extra, written_as_markdown])
     document = report_document(run_id, report_data(catalog, run_id))
     markdown, html = render_markdown(document), render_html(document, tmp_path)
     assert "## Token lengths" in markdown and "over **max_length**: 3" in markdown and "![extra plot](extra.png)" in markdown
     assert "<h2>Token lengths</h2>" in html and "<strong>max_length</strong>" in html
     assert '<img src="data:image/png;base64,' in html.split("Token lengths")[-1]  # the markdown image, embedded
+    assert "## Near-duplicates\n\n**2 clusters**" in markdown and markdown.count("## Near-duplicates") == 1
+    assert '<section id="dups"><h2>Near-duplicates</h2>' in html and "<strong>2 clusters</strong>" in html
 
 
 def test_pair_texts_cannot_inject_markup(tmp_path: Path) -> None:
