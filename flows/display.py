@@ -49,7 +49,8 @@ STEP_ROWS = {"export-pairs": "score", "score-shard": "score", "score": "score"}
 STEP_LABELS = {"prefect": "start Prefect", "ingest": "ingest", "build-model": "build model", "score": "score",
                "curate": "curate", "train-stages": "train", "evaluate": "evaluate",
                "publish-artifacts": "publish artifacts"}
-ICONS = {"running": "[cyan]…[/]", "finished": "[green]✓[/]", "cached": "[blue]✓[/]", "failed": "[red]✗[/]"}
+ICONS = {"finished": ("✓", "green"), "cached": ("✓", "blue"), "failed": ("✗", "red")}
+SPINNER = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
 # -- step details: one short phrase per step, from its result ------------------------------------
@@ -181,8 +182,11 @@ class RunDisplay:
     def _line(self, row: _Row) -> Text:
         seconds = row.seconds if row.seconds is not None else time.perf_counter() - row.started
         status = "from cache" if row.status == "cached" else row.detail
-        icon = {"running": "…", "finished": "✓", "cached": "✓", "failed": "✗"}[row.status] if not self.live else ""
-        text = Text.from_markup(ICONS[row.status]) if self.live else Text(icon)
+        if row.status == "running":  # only the live display draws running rows
+            icon, style = SPINNER[int(time.monotonic() * 10) % len(SPINNER)], "cyan"
+        else:
+            icon, style = ICONS[row.status]
+        text = Text(icon, style=style if self.live else "")
         text.append(f" {row.label:<18} {seconds:6.1f} s  ")
         text.append(status, style="dim" if row.status == "cached" else "")
         return text

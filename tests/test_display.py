@@ -63,8 +63,10 @@ def test_live_display_shows_bars_and_ends_with_every_step() -> None:
         with progress_bar("winnow-tiny SFT warm-up", total=4, unit="step") as bar:
             bar.update(3)
             bar.set_postfix(loss="1.234")
-            frame = console.export_text() if False else None  # noqa: F841 - the live frame is drawn on refresh
             assert display.progress.tasks[0].completed == 3
+            display._live.refresh()  # draw a frame now (the live display redraws 8 times a second)
+            assert "winnow-tiny SFT warm-up" in buffer.getvalue() and "3/4" in buffer.getvalue()
+            assert "loss=1.234" in buffer.getvalue()
         assert not display.progress.tasks  # a closed bar leaves the display
         report_step("ingest", "started")
         report_step("ingest", "failed", 0.5)
