@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -124,12 +123,27 @@ def test_hub_export_fails_in_one_line_without_a_token_or_a_hub(run, tmp_path: Pa
         export_run(catalog, run_id, "hf:../etc")
 
 
-def test_cli_export_error_is_one_line_and_json_stdout_stays_empty(run, tmp_path: Path) -> None:
+def test_cli_export_error_is_one_line_and_json_stdout_stays_empty(run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import huggingface_hub.constants
+
+    from flows import cli
+    from flows.prefect_env import PREFECT_DEFAULTS
+
     catalog, run_id = run
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf-home")}
-    env.pop("HF_TOKEN", None)
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "export", run_id, "--to", "hf:someone/curated", "-w",
-                           str(catalog.workdir), "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 2 and done.stdout == "", done.stdout
-    assert done.stderr.strip().count("\n") == 0 and "no Hugging Face token" in done.stderr, done.stderr
+    for name, value in PREFECT_DEFAULTS.items():  # main() sets them; keep this process's environment as it was
+        monkeypatch.setenv(name, os.environ.get(name, value))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(sys, "argv", ["winnow", "export", run_id, "--to", "hf:someone/curated", "-w",
+                                      str(catalog.workdir), "--json"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    captured = capsys.readouterr()
+    assert info.value.code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1 and "no Hugging Face token" in captured.err and "Traceback" not in captured.err
+    monkeypatch.setattr(sys, "argv", ["winnow", "export", run_id, "--to", str(tmp_path / "out"), "-w",
+                                      str(catalog.workdir), "--json"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 0 and json.loads(capsys.readouterr().out)["rows"] > 0
