@@ -23,15 +23,15 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import polars as pl
+from typing import TYPE_CHECKING, Any
 
 from curation.config_fields import setting
 from curation.errors import WinnowError
-from curation.reads import has_rows, kept_curation_columns, kept_order, kept_pair_rows, run_config
-from curation.shard import shard_frame
-from curation.store import Catalog
+
+if TYPE_CHECKING:  # the CLI imports ExportOptions for its help text: the heavy modules load on use
+    import polars as pl
+
+    from curation.store import Catalog
 
 HUB_PREFIX = "hf:"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -68,6 +68,9 @@ class ExportResult:
 
 def kept_frame(catalog: Catalog, run_id: str, options: ExportOptions) -> pl.DataFrame:
     """The kept pairs in TRL's layout and teaching order, with a `stage` column (dropped unless asked for)."""
+    from curation.reads import has_rows, kept_curation_columns, kept_order, kept_pair_rows, run_config
+    from curation.shard import shard_frame
+
     if run_config(catalog, run_id) is None:
         raise WinnowError(f"no run {run_id!r} in {catalog.path}")
     if not has_rows(catalog, "decisions", run_id):
