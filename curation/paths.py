@@ -52,6 +52,18 @@ def inside(root: Path | str, *parts: str | Path) -> Path:
     return path
 
 
+def contained(root: Path | str, path: Path | str) -> Path:
+    """`path` itself (absolute, or relative to the current folder), refused unless it lies inside `root`.
+
+    For paths read back from the workspace (a cached task result naming a file): they may name
+    any file there, but none outside it.
+    """
+    base = Path(root).resolve()
+    if not Path(path).resolve().is_relative_to(base):
+        raise OutsideWorkdirError(f"{str(path)!r} lies outside the workspace {base}")
+    return Path(path)
+
+
 def run_dir(workdir: Path | str, run_id: str) -> Path:
     """The run's folder, ``<workdir>/<run_id>``: the run id checked, the path kept inside the workdir."""
     return inside(workdir, check_run_id(run_id))
