@@ -354,6 +354,10 @@ class Catalog:
                 "sources": json.loads(row[2]) if row[2] else None,
                 "accounting": json.loads(row[3] or "{}"),
             }
+        columns = _table_columns(self._tables["runs"])
+        unknown = sorted(set(fields) - set(columns))
+        if unknown:  # column names go into the SQL text: only the declared ones
+            raise ValueError(f"runs has no column(s) {unknown}")
         sets, values = ["updated_at = ?"], [now]
         for key, value in fields.items():
             if key in ("config", "timings", "accounting") and isinstance(value, dict):
