@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from curation import paths
 from curation.advice import Advice, AdviceConfig, advise
 from curation.beta_filter import BetaFilterConfig, BetaFilterResult, beta_filter
-from curation import paths
 from curation.errors import WinnowError
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules
 from curation.jsonable import json_safe

@@ -26,7 +26,6 @@ from typing import Any
 import polars as pl
 import torch
 
-from curation.errors import WinnowError
 from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
 from curation.manifest import ShardManifest, StageShard, folder_digest
 from training.config import TrainConfig, resolve_objective

@@ -17,9 +17,9 @@ import polars as pl
 
 from curation.config_fields import setting
 from curation.errors import WinnowError
-from curation.paths import run_dir
 from curation.lm.tokenization import tokenize_pairs
 from curation.parquet_stream import open_parquet_stream
+from curation.paths import run_dir
 from curation.progress import progress_bar
 from curation.reads import export_pairs_parquet, unrated_pairs
 from curation.score.features import text_features, token_features
