@@ -214,13 +214,16 @@ def test_a_run_folder_is_locked_by_one_process(tmp_path: Path) -> None:
 
 
 def test_a_second_run_waits_for_the_first(tmp_path: Path) -> None:
-    from curation.locks import run_lock
+    from curation.locks import RunLockedError, run_lock
 
     folder = tmp_path / "run-1"
-    holder = _hold_run_lock(folder, 1.0)
+    holder = _hold_run_lock(folder, 1.5)
     try:
-        with run_lock(folder, wait_s=60):
-            assert holder.poll() is not None  # it waited for the holder to finish
+        with pytest.raises(RunLockedError):  # held right now
+            with run_lock(folder, wait_s=0):
+                pass
+        with run_lock(folder, wait_s=60):  # waits for the holder instead of failing
+            pass
     finally:
         holder.kill()
         holder.wait()
