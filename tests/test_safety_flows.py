@@ -202,3 +202,25 @@ def test_file_system_faults_end_a_flow_in_one_line(fault: str, source: Path, tmp
     with pytest.raises(WinnowError, match=expected) as caught:
         curate_flow(overrides={"sources": [str(source)], "workdir": str(workdir), "run_id": "run-fault"})
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_a_damaged_shard_is_curated_again_and_refresh_retrains(tmp_path: Path) -> None:
+    """curate-and-train twice; between the runs a shard is cut short: the second run writes the
+    shards again (log line) and trains on them; --refresh then retrains every stage."""
+    from flows.pipeline import curate_and_train_flow
+    from tests.test_flows import small_overrides
+    from training.sorting import TRUTH_COLUMNS, PreferenceSetConfig, generate_preferences
+
+    frame = generate_preferences(PreferenceSetConfig(size=160, seed=5)).drop(TRUTH_COLUMNS)
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in frame.to_dicts()))
+    overrides = {**small_overrides(source, tmp_path / "ws"), "eval": {"enabled": False}}
+    first = curate_and_train_flow(overrides=overrides)
+    shard = Path(first["shard_dir"]) / "stage-1.parquet"
+    shard.write_bytes(shard.read_bytes()[:200])
+    second = curate_and_train_flow(overrides=overrides)
+    assert shard.stat().st_size > 200  # written again by curation
+    assert [s["resumed"] for s in second["stages"]] == [True, True]  # the shards' bytes are the same again
+    refreshed = curate_and_train_flow(overrides={**overrides, "refresh": True})
+    assert [s["resumed"] for s in refreshed["stages"]] == [False, False]
