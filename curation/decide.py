@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from curation import paths
 from curation.advice import Advice, AdviceConfig, advise
 from curation.beta_filter import BetaFilterConfig, BetaFilterResult, beta_filter
 from curation.errors import WinnowError
@@ -83,7 +84,8 @@ class CurateResult:
 
 
 def run_dir(workdir: Path | str, run_id: str) -> Path:
-    return Path(workdir) / run_id
+    """The run's folder, the run id checked and the path kept inside the workdir (curation.paths)."""
+    return paths.run_dir(workdir, run_id)
 
 
 def _load(catalog: Catalog, run_id: str) -> tuple[pl.DataFrame, dict[str, Any]]:

@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from curation.errors import WinnowError
-from curation.store import TABLES, Catalog, bounded_memory, fetch_polars
+from curation.store import TABLES, Catalog, bounded_memory, fetch_polars, sql_literal
 
 PAIR_TEXT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "source", "source_row")
 
@@ -120,7 +120,7 @@ def kept_pair_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.Dat
 
 def why_example(run_id: str) -> str:
     """The "why was this pair dropped" query as a user types it into `winnow query` (for reports)."""
-    return (f"SELECT kept, reason, detail, weight, stage FROM decisions WHERE run_id = '{run_id}' "
+    return (f"SELECT kept, reason, detail, weight, stage FROM decisions WHERE run_id = {sql_literal(run_id)} "
             "AND pair_id LIKE '<prefix>%';")
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from curation.errors import WinnowError
+from curation.paths import run_dir
 from curation.reads import report_tables, why_example
 from curation.schema import DecisionReason
 from curation.store import Catalog
@@ -25,7 +26,7 @@ PLOTS = ("margin.png", "edit_distance.png", "length_gap.png")
 
 
 def report_dir(workdir: Path | str, run_id: str) -> Path:
-    return Path(workdir) / run_id / "report"
+    return run_dir(workdir, run_id) / "report"
 
 
 def _load(catalog: Catalog, run_id: str) -> dict[str, Any]:

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from curation.decide import CurateConfig
 from curation.errors import WinnowError
 from curation.ingest import IngestOptions
+from curation.paths import InvalidRunIdError, check_run_id
 from curation.score.scoring import ScoreOptions
 from training.config import TrainConfig
 from training.tiny_config import TinyModelConfig
@@ -54,6 +55,17 @@ class PipelineConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     task_runner: TaskRunnerName = "threads"
     refresh: bool = False
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_folder_name(cls, value: str | None) -> str | None:
+        """A run id names a folder under the workdir: the one pattern of curation.paths."""
+        if value is None:
+            return value
+        try:
+            return check_run_id(value)
+        except InvalidRunIdError as exc:
+            raise ValueError(str(exc)) from None
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -19,6 +19,7 @@ from curation.config_fields import setting
 from curation.errors import WinnowError
 from curation.lm.tokenization import tokenize_pairs
 from curation.parquet_stream import open_parquet_stream
+from curation.paths import run_dir
 from curation.progress import progress_bar
 from curation.reads import export_pairs_parquet, unrated_pairs
 from curation.score.features import text_features, token_features
@@ -77,7 +78,7 @@ class ScoreResult:
 
 
 def scores_dir(workdir: Path, run_id: str) -> Path:
-    return Path(workdir) / run_id / "scores"
+    return run_dir(workdir, run_id) / "scores"
 
 
 def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models: ScoringModels | None) -> str:
@@ -143,7 +144,7 @@ def export_pairs(catalog: Catalog, run_id: str) -> Path:
     catalog: DuckDB allows one writing process per file, and a scorer holds its input for
     minutes.
     """
-    out = Path(catalog.workdir) / run_id / "pairs.parquet"
+    out = run_dir(catalog.workdir, run_id) / "pairs.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     return export_pairs_parquet(catalog, run_id, out)
 
