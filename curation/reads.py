@@ -14,6 +14,7 @@ from typing import Any
 import polars as pl
 
 from curation.errors import WinnowError
+from curation.schema import DecisionReason
 from curation.store import TABLES, Catalog, bounded_memory, fetch_polars
 
 PAIR_TEXT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "source", "source_row")
@@ -65,7 +66,9 @@ def unrated_pairs(catalog: Catalog, run_id: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-EXPORT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected")
+EXPORT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected",
+                  "prompt_messages::VARCHAR AS prompt_messages", "chosen_messages::VARCHAR AS chosen_messages",
+                  "rejected_messages::VARCHAR AS rejected_messages")
 
 
 def export_pairs_parquet(catalog: Catalog, run_id: str, path: Path, row_group_size: int = 20_000) -> Path:
@@ -83,9 +86,14 @@ def export_pairs_parquet(catalog: Catalog, run_id: str, path: Path, row_group_si
 
 
 def scored_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
-    """Every pair of the run with its scores (null when unscored, `_scored` says), sorted by pair_id."""
+    """Every pair of the run with its scores (null when unscored, `_scored` says), sorted by pair_id.
+
+    `prompt_key` identifies the prompt (its message list for conversations, else its text): the
+    held-out split groups pairs by it.
+    """
     return catalog.query(
         """SELECT p.pair_id, p.source, p.source_row, s.pair_id IS NOT NULL AS _scored,
+                  md5(coalesce(p.prompt_messages::VARCHAR, p.prompt)) AS prompt_key,
                   s.* EXCLUDE (run_id, pair_id)
            FROM pairs p LEFT JOIN scores s ON s.run_id = p.run_id AND s.pair_id = p.pair_id
            WHERE p.run_id = ? ORDER BY p.pair_id""", [run_id], read_only=False)
@@ -113,6 +121,18 @@ def kept_pair_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.Dat
             JOIN pairs p ON p.run_id = ? AND p.pair_id = o.pair_id
             LEFT JOIN scores s ON s.run_id = p.run_id AND s.pair_id = p.pair_id
             ORDER BY o.stage, o.stage_position""", [run_id])
+
+
+def heldout_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """The pairs curation held out for evaluation (decision reason `heldout`), sorted by pair_id.
+
+    Texts and message lists (JSON strings, null for plain text), as the scorer exports them.
+    """
+    return catalog.query(
+        f"""SELECT {', '.join('p.' + c for c in EXPORT_COLUMNS)}
+            FROM pairs p JOIN decisions d USING (run_id, pair_id)
+            WHERE p.run_id = ? AND d.reason = ? ORDER BY p.pair_id""", [run_id, DecisionReason.HELDOUT.value],
+        read_only=False)
 
 
 # -- decisions and the report -------------------------------------------------------------------

@@ -22,6 +22,7 @@ only cheaper to get. Where the time goes and what this module does about it:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -31,7 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from curation.lm.packed_attention import packed_attention
-from curation.lm.tokenization import TokenizedPairs, tokenize_pairs
+from curation.lm.tokenization import TokenizedPairs, tokenize_preferences
+
+logger = logging.getLogger(__name__)
 
 COLUMNS = (
     "ref_chosen_logps",
@@ -289,7 +292,9 @@ def _shared_blockers(model, longest: int) -> list[str]:
     """Why the model cannot run rows whose attention differs from plain causal (empty: it can).
 
     ``longest``: the longest sequence TRL would build; a sliding window at least that long
-    never slides, so it is plain causal attention.
+    never slides, so it is plain causal attention. Attention logit soft-capping does not
+    block these rows: the model applies its own attention to them and adds the mask after
+    capping (eager), so only the mask differs from TRL's rows (checked on Gemma 2).
     """
     cfg = model.config.get_text_config()
     why = []
@@ -304,11 +309,40 @@ def _shared_blockers(model, longest: int) -> list[str]:
         sliding = window is not None and getattr(cfg, "use_sliding_window", True)
     if sliding and (window is None or longest > window):
         why.append("sliding-window attention shorter than the sequences")
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        why.append("attention logit soft-capping")
     if getattr(cfg, "model_type", None) in _NON_PLAIN_ATTENTION:
         why.append(f"{cfg.model_type} attention (sinks)")
     return why
+
+
+def _packed_blockers(model, longest: int) -> list[str]:
+    """Why the packed layout cannot run: its attention is plain SDPA per row, so anything more
+    (soft-capping, sinks, windows, another backend) would be silently dropped."""
+    why = _shared_blockers(model, longest)
+    if getattr(model.config.get_text_config(), "attn_logit_softcapping", None) is not None:
+        why.append("attention logit soft-capping (the packed rows run plain SDPA)")
+    return why
+
+
+def fast_path_blockers(model, tokenized: TokenizedPairs) -> dict[str, list[str]]:
+    """Why each fast path is off for this model and these pairs: ``{"shared": [...], "packed": [...]}``.
+
+    Empty lists: the path gives TRL's numbers here. :func:`score_tokenized` logs the reasons
+    when it switches a path off by itself.
+    """
+    longest = _longest(tokenized)
+    return {"shared": _shared_blockers(model, longest), "packed": _packed_blockers(model, longest)}
+
+
+def _longest(tokenized: TokenizedPairs) -> int:
+    sequence = tokenized.prompt_lengths + np.maximum(tokenized.chosen_lengths, tokenized.rejected_lengths)
+    return int(np.where(tokenized.keep, sequence, 0).max(initial=0))
+
+
+def _log_off(path: str, model, reasons: list[str]) -> None:  # noqa: ANN001
+    """One log line per switched-off fast path, naming the model type and why (the numbers stay TRL's)."""
+    kind = getattr(model.config.get_text_config(), "model_type", type(model).__name__)
+    logger.info("reference log-probs: %s off for %s (%s); scoring chosen and rejected as separate rows",
+                path, kind, "; ".join(reasons))
 
 
 def _model_device(model) -> torch.device:
@@ -350,11 +384,12 @@ def score_tokenized(
         model.to(device)
     dev = _model_device(model)
     batch_tokens = batch_tokens or default_batch_tokens(dev)
-    sequence = tokenized.prompt_lengths + np.maximum(tokenized.chosen_lengths, tokenized.rejected_lengths)
-    longest = int(np.where(tokenized.keep, sequence, 0).max(initial=0))
+    longest = _longest(tokenized)
     blockers = _shared_blockers(model, longest)
     if share_prompt is None:
         share_prompt = tokenized.truncation_mode == "keep_start" and not blockers
+        if blockers and len(tokenized):
+            _log_off("shared-prompt rows", model, blockers)
     elif share_prompt and (tokenized.truncation_mode != "keep_start" or blockers):
         why = blockers + (["truncation_mode='keep_end'"] if tokenized.truncation_mode != "keep_start" else [])
         raise ValueError(f"share_prompt is not possible here: {', '.join(why)}")
@@ -362,8 +397,9 @@ def score_tokenized(
         layout = "padded"
     if layout not in ("packed", "padded"):
         raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
-    if layout == "packed" and blockers:
-        raise ValueError(f"layout='packed' is not possible here: {', '.join(blockers)}")
+    packed_why = _packed_blockers(model, longest)
+    if layout == "packed" and packed_why:
+        raise ValueError(f"layout='packed' is not possible here: {', '.join(packed_why)}")
     packed = layout == "packed"
     if autocast is None:
         autocast = dev.type == "cuda" and next(model.parameters()).dtype == torch.float32
@@ -453,10 +489,11 @@ def _frame(tp: TokenizedPairs, sums: np.ndarray) -> pl.DataFrame:
 def reference_logprobs(
     model,
     tokenizer,
-    prompts: Sequence[str],
-    chosens: Sequence[str],
-    rejecteds: Sequence[str],
+    prompts: Sequence[str] | Sequence[list[dict]] | None,
+    chosens: Sequence[str] | Sequence[list[dict]],
+    rejecteds: Sequence[str] | Sequence[list[dict]],
     *,
+    tools: Sequence[object] | None = None,
     max_length: int | None = None,
     truncation_mode: str = "keep_start",
     batch_tokens: int | None = None,
@@ -465,13 +502,15 @@ def reference_logprobs(
     share_prompt: bool | None = None,
     layout: str | None = None,
 ) -> pl.DataFrame:
-    """Reference log-probs of string pairs, equal to TRL's ``precompute_ref_log_probs`` pass.
+    """Reference log-probs of pairs, equal to TRL's ``precompute_ref_log_probs`` pass.
 
-    Tokenises as TRL does (:func:`curation.lm.tokenization.tokenize_pairs`) and scores with
-    :func:`score_tokenized`. Set ``max_length``/``truncation_mode`` to the values training
-    will use, or the numbers will not be the ones training needs.
+    Plain strings or TRL message lists (conversations go through the tokenizer's chat template,
+    ``tools`` per pair, ``prompts=None`` for implicit prompts): tokenised as TRL does
+    (:func:`curation.lm.tokenization.tokenize_preferences`) and scored with
+    :func:`score_tokenized`. Set ``max_length``/``truncation_mode`` to the values training will
+    use, or the numbers will not be the ones training needs. Benchmarks call this for both kinds.
     """
-    tp = tokenize_pairs(tokenizer, prompts, chosens, rejecteds, max_length, truncation_mode)
+    tp = tokenize_preferences(tokenizer, prompts, chosens, rejecteds, tools, max_length, truncation_mode)
     return score_tokenized(
         model,
         tp,
