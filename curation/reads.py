@@ -123,6 +123,18 @@ def kept_pair_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.Dat
             ORDER BY o.stage, o.stage_position""", [run_id])
 
 
+def run_export_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """All pairs of a run with the columns the scorer exports (texts, ratings, message lists), by pair_id."""
+    return catalog.query(f"SELECT {', '.join(EXPORT_COLUMNS)} FROM pairs WHERE run_id = ? ORDER BY pair_id",
+                         [run_id], read_only=False)
+
+
+def run_is_conversational(catalog: Catalog, run_id: str) -> bool:
+    """Whether any pair of the run came as a conversation (then the whole run trains as conversations)."""
+    return bool(catalog.query("SELECT count(prompt_messages) > 0 AS c FROM pairs WHERE run_id = ?", [run_id],
+                              read_only=False)["c"][0])
+
+
 def heldout_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
     """The pairs curation held out for evaluation (decision reason `heldout`), sorted by pair_id.
 
@@ -169,7 +181,7 @@ def report_tables(catalog: Catalog, run_id: str) -> dict[str, Any]:
         return {
             "curate": config.get("curate"),
             "pairs": q("""SELECT d.pair_id, d.kept, d.reason, d.weight, d.stage, s.margin, s.token_edit_distance,
-                                 s.token_edit_norm, s.length_gap, s.chosen_tokens, s.rejected_tokens
+                                 s.token_edit_norm, s.length_gap, s.prompt_tokens, s.chosen_tokens, s.rejected_tokens
                           FROM decisions d LEFT JOIN scores s USING (run_id, pair_id) WHERE d.run_id = ?"""),
             "stages": q("SELECT * FROM stages WHERE run_id = ? ORDER BY stage"),
             "shards": q("SELECT * FROM shards WHERE run_id = ? ORDER BY stage"),

@@ -457,3 +457,17 @@ def tokenize_preferences(
     if prompts is None:
         raise ValueError("plain-text pairs need their prompts (implicit prompts are split at ingest)")
     return tokenize_pairs(tokenizer, prompts, chosens, rejecteds, max_length, truncation_mode)
+
+
+def prompt_token_ids(
+    tokenizer,  # noqa: ANN001 - any HF tokenizer
+    prompts: Sequence[str] | Sequence[Conversation],
+    tools: Sequence[object] | None = None,
+) -> list[list[int]]:
+    """Ids of prompts to generate from, as TRL tokenises a prompt: text with the tokenizer's
+    defaults, a conversation with its chat template and the generation prompt."""
+    prompts = list(prompts)
+    if prompts and is_conversation(prompts[0]):
+        texts = render_conversations(tokenizer, prompts, tools, add_generation_prompt=True)
+        return _batch_ids(tokenizer, texts, add_special_tokens=False)
+    return _batch_ids(tokenizer, _as_strings("prompts", prompts))

@@ -96,26 +96,35 @@ def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models:
     raise WinnowError("no ratings in the source and no reference model: pass --margin reward-model or a model")
 
 
-def conversation_rows(frame: pl.DataFrame) -> tuple[list, list, list, list | None]:
-    """(prompts, chosens, rejecteds, tools) of conversational pairs exactly as their shard gives them to TRL.
+def conversation_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """Conversational pairs in TRL's layout (pair_id, prompt, chosen, rejected as message lists[, tools]),
+    exactly as their shard gives them to TRL.
 
     Why through :func:`curation.shard.shard_frame`: TRL reads the messages from the parquet shard
-    (struct fields it lacks come back as None, which the chat template never sees), so the
-    scorer decodes them with the very same expression. Pairs of a mixed run that came as plain
-    text become one user and one assistant message, as in the shard.
+    (struct fields a message lacks come back as None, which the chat template never sees), so
+    the scorer decodes them with the very same expression. Pairs of a mixed run that came as
+    plain text become one user and one assistant message, as in the shard.
     """
     from curation.shard import shard_frame
 
     rows = frame.select("pair_id", "prompt", "chosen", "rejected",
                         *(c for c in (*MESSAGE_COLUMNS, "tools") if c in frame.columns))
-    tools = rows["tools"].to_list() if "tools" in rows.columns else None
-    if not has_messages(rows):  # a batch of only plain-text pairs in a conversational run: as the shard wraps them
-        return ([[{"role": "user", "content": p}] for p in rows["prompt"].to_list()],
-                [[{"role": "assistant", "content": c}] for c in rows["chosen"].to_list()],
-                [[{"role": "assistant", "content": r}] for r in rows["rejected"].to_list()], tools)
+    if not has_messages(rows):  # only plain-text pairs here (a conversational run's): wrapped as the shard does
+        turn = {"prompt": "user", "chosen": "assistant", "rejected": "assistant"}
+        return rows.select("pair_id", *(pl.concat_list(pl.struct(role=pl.lit(role), content=pl.col(name))).alias(name)
+                                        for name, role in turn.items()),
+                           *(["tools"] if "tools" in rows.columns else []))
     trl, _, _, _ = shard_frame(rows.with_columns(stage=pl.lit(0)))
-    if "tools" in trl.columns:
-        tools = trl["tools"].to_list()
+    trl = trl.drop("stage", strict=False)
+    if "tools" in rows.columns and "tools" not in trl.columns:
+        trl = trl.with_columns(rows["tools"])
+    return trl
+
+
+def conversation_rows(frame: pl.DataFrame) -> tuple[list, list, list, list | None]:
+    """(prompts, chosens, rejecteds, tools) of :func:`conversation_frame` as Python lists, for the tokenizer."""
+    trl = conversation_frame(frame)
+    tools = trl["tools"].to_list() if "tools" in trl.columns else None
     return trl["prompt"].to_list(), trl["chosen"].to_list(), trl["rejected"].to_list(), tools
 
 
@@ -125,11 +134,12 @@ def has_messages(frame: pl.DataFrame) -> bool:
 
 
 def batch_tokens(frame: pl.DataFrame, models: ScoringModels, options: ScoreOptions,
-                 conversational: bool | None = None) -> TokenizedPairs:
+                 conversational: bool | None = None, rows: tuple | None = None) -> TokenizedPairs:
     """The pairs' tokens as TRL's DPOTrainer builds them: chat template for conversations, else plain text.
 
     ``conversational`` is the run's kind (a run with any conversation is trained as
-    conversations); None: this frame's own kind.
+    conversations); None: this frame's own kind. ``rows``: :func:`conversation_rows`, when
+    the caller has them already.
     """
     if conversational is None:
         conversational = has_messages(frame)
@@ -137,7 +147,7 @@ def batch_tokens(frame: pl.DataFrame, models: ScoringModels, options: ScoreOptio
         prompts, chosens, rejecteds = (frame[c].to_list() for c in ("prompt", "chosen", "rejected"))
         return tokenize_pairs(models.tokenizer, prompts, chosens, rejecteds, options.max_length,
                               options.truncation_mode)
-    prompts, chosens, rejecteds, tools = conversation_rows(frame)
+    prompts, chosens, rejecteds, tools = rows if rows is not None else conversation_rows(frame)
     try:
         return tokenize_conversations(models.tokenizer, prompts, chosens, rejecteds, tools, options.max_length,
                                       options.truncation_mode)
@@ -155,7 +165,10 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
     character statistics of the texts.
     """
     prompts, chosens, rejecteds = (frame[c].to_list() for c in ("prompt", "chosen", "rejected"))
-    tokens = batch_tokens(frame, models, options, conversational)
+    if conversational is None:
+        conversational = has_messages(frame)
+    rows = conversation_rows(frame) if conversational else None
+    tokens = batch_tokens(frame, models, options, conversational, rows)
     parts = [frame.select("pair_id"), text_features(prompts, chosens, rejecteds), token_features(tokens)]
     ref = None
     if models.reference is not None:
@@ -173,8 +186,9 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
     elif margin_source == "reward-model":
         if models.reward_model is None:
             raise WinnowError("margin source 'reward-model' needs --reward-model PATH")
-        margin = reward_model_margin(models.reward_model, models.reward_tokenizer or models.tokenizer, prompts,
-                                     chosens, rejecteds, max_length=options.max_length, progress=progress)
+        judged = rows[:3] if rows is not None else (prompts, chosens, rejecteds)  # conversations: its own template
+        margin = reward_model_margin(models.reward_model, models.reward_tokenizer or models.tokenizer, *judged,
+                                     max_length=options.max_length, progress=progress)
     elif margin_source == "policy":
         if models.policy is None or ref is None:
             raise WinnowError("margin source 'policy' needs a trained policy and the reference model")
