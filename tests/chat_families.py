@@ -13,8 +13,11 @@ bos added by the post-processor where the family's tokenizer adds it). Nothing i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -310,15 +313,26 @@ def train_family_tokenizer(family: Family, texts: list[str], vocab_size: int = 4
     return hf
 
 
-def build_family(family: Family, texts: list[str], seed: int = 0):  # noqa: ANN201
-    """(model, tokenizer): a randomly initialised tiny model of the family and its trained tokenizer."""
+def build_family(family: Family, texts: list[str], seed: int = 0, folder: Path | None = None):  # noqa: ANN201
+    """(model, tokenizer): a randomly initialised tiny model of the family and its trained tokenizer.
+
+    With ``folder`` both are saved there and loaded back the way a run loads a model path
+    (transformers may load a family's own tokenizer class: Qwen2's splits digits), so the pair
+    returned is exactly what curation and training read from that folder.
+    """
     tokenizer = train_family_tokenizer(family, texts)
     special = {k: tokenizer.convert_tokens_to_ids(v) for k, v in family.special.items()}
     torch.manual_seed(seed)
     model = family.config(len(tokenizer), special)
     with torch.no_grad():  # larger logits than the init, so tokens differ clearly in log-prob
         model.get_output_embeddings().weight.mul_(4.0)
-    return model.eval(), tokenizer
+    if folder is None:
+        return model.eval(), tokenizer
+    from curation.lm.loading import load_model, load_tokenizer
+
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_model(folder, device="cpu").eval(), load_tokenizer(folder)
 
 
 SYSTEM = {"role": "system", "content": "You are terse and exact."}
@@ -378,3 +392,40 @@ def corpus(family: Family) -> list[str]:
             texts += [str(m.get("content", "")) for m in row[key]]
     texts += ["assistant user system model tool get_weather Paris Rome city sunny", family.template]
     return texts * 4
+
+
+@contextmanager
+def datasets_cache(folder: Path) -> Iterator[None]:
+    """HF datasets writes its map/precompute caches under ``folder`` inside the block (not ~/.cache)."""
+    import datasets
+
+    old = os.environ.get("HF_DATASETS_CACHE"), datasets.config.HF_DATASETS_CACHE
+    os.environ["HF_DATASETS_CACHE"] = str(folder)
+    datasets.config.HF_DATASETS_CACHE = folder
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if old[0] is None:
+            os.environ.pop("HF_DATASETS_CACHE", None)
+        else:
+            os.environ["HF_DATASETS_CACHE"] = old[0]
+        datasets.config.HF_DATASETS_CACHE = old[1]
+
+
+def trl_prepared(model, tokenizer, dataset, folder: Path, max_length: int | None = None,  # noqa: ANN001
+                 truncation_mode: str = "keep_start"):  # noqa: ANN201 - (datasets.Dataset, collator)
+    """TRL's own preparation of ``dataset``: ``_prepare_dataset`` and the precompute pass, run by DPOTrainer.
+
+    ``model`` is deep-copied: the trainer patches the model it gets.
+    """
+    import copy
+
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(folder / "dpo"), precompute_ref_log_probs=True, precompute_ref_batch_size=3,
+                     bf16=False, max_length=max_length, truncation_mode=truncation_mode, report_to="none",
+                     use_cpu=True, dataloader_pin_memory=False)
+    with datasets_cache(folder / "hf"):
+        trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=tokenizer)
+    return trainer.train_dataset, trainer.data_collator
