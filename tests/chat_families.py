@@ -429,3 +429,34 @@ def trl_prepared(model, tokenizer, dataset, folder: Path, max_length: int | None
     with datasets_cache(folder / "hf"):
         trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=tokenizer)
     return trainer.train_dataset, trainer.data_collator
+
+
+_TOPICS = ["the sky", "rivers", "prime numbers", "bread", "the moon", "tides", "volcanoes", "owls", "glass", "salt",
+           "chess", "bees", "rain", "maps", "copper", "tea", "snow", "deserts", "coral", "clocks"]
+
+
+def ultrafeedback_rows(n: int = 60, seed: int = 0) -> list[dict[str, Any]]:
+    """Rows in the exact shape of trl-lib/ultrafeedback_binarized: ``chosen`` and ``rejected`` message lists
+    ({content, role}, the user turn first, then the assistant's answer) and float ``score_chosen`` /
+    ``score_rejected``; no prompt column (TRL's implicit conversational layout). Every fifth row is
+    a two-turn conversation, and a few prompts come twice with other answers (one prompt, several pairs).
+    """
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = _TOPICS[i % len(_TOPICS)]
+        question = f"Tell me one true fact about {topic}." if i < 2 * len(_TOPICS) else f"What is {topic} made of?"
+        turns = [{"content": question, "role": "user"}]
+        if i % 5 == 4:
+            turns += [{"content": f"{topic.capitalize()} is a broad subject.", "role": "assistant"},
+                      {"content": "Be more specific, please.", "role": "user"}]
+        good = f"Here is a fact about {topic}: it has been studied for centuries{'!' if rng.random() < .5 else '.'}"
+        bad = rng.choice([f"I do not know anything about {topic}.", f"{topic} is purple and made of cheese.",
+                          "No."])
+        score_chosen = float(rng.choice([7.0, 7.5, 8.0, 8.5, 9.0]))
+        rows.append({"chosen": turns + [{"content": good, "role": "assistant"}],
+                     "rejected": turns + [{"content": bad, "role": "assistant"}],
+                     "score_chosen": score_chosen, "score_rejected": score_chosen - rng.choice([1.0, 2.5, 4.0, 6.0])})
+    return rows
