@@ -231,8 +231,12 @@ def _lengths_markdown(data: dict[str, Any]) -> list[str]:
     if max_length is None:
         return ["## Lengths", "", "No max_length: nothing is truncated.", ""]
     over, kept = facts["over"], facts.get("over_kept", 0)
-    effect = (f"{facts.get('dropped_over', 0)} dropped (`over_max_length`)" if policy == "drop" else
-              f"{kept} of them kept, which TRL truncates to {max_length} tokens")
+    if over == 0:
+        effect = "nothing is truncated"
+    elif policy == "drop":
+        effect = f"{facts.get('dropped_over', 0)} dropped (`over_max_length`)"
+    else:
+        effect = f"{kept} of them kept, which TRL truncates to {max_length} tokens"
     rows = [["max_length", max_length], ["length_policy", policy],
             ["pairs over max_length", f"{over} of {facts['pairs']} ({facts['over_share']:.1%})"],
             ["prompt alone fills max_length (dropped: too_long)", facts.get("prompt_fills", 0)],
@@ -277,11 +281,6 @@ def _markdown(run_id: str, data: dict[str, Any]) -> str:
              _threshold_text(r.get("threshold")),
              r.get("cutoff"), r["failing"], r["dropped"]] for r in curate["resolved"]["rules"]]
     out += [_table(["rule", "column", "bound", "threshold", "cut-off", "failing", "dropped (first reason)"], rows), ""]
-    heldout = curate["resolved"].get("heldout")
-    if heldout:
-        out += [f"Held out for evaluation: {heldout['heldout_pairs']} pairs of {heldout['heldout_prompts']} of "
-                f"{heldout['prompts']} prompts (decision reason `heldout`; never in a shard).", ""]
-    out += _lengths_markdown(data)
     settings = curate["settings"]["beta"]
     if beta.get("mode") == "off":
         out += ["Beta-guided filter: off.", ""]
@@ -291,6 +290,11 @@ def _markdown(run_id: str, data: dict[str, Any]) -> str:
         out += [f"Beta-guided filter: mode `{beta['mode']}`, rho {settings['rho']}, centre `{settings['centre']}` "
                 f"({beta['centre']:.4g}), scale {beta['scale']:.4g}, seed {settings['seed']}; kept {beta['kept']}, "
                 f"dropped {beta['dropped']}.{cut}", ""]
+    heldout = curate["resolved"].get("heldout")
+    if heldout and heldout["heldout_pairs"]:
+        out += [f"Held out for evaluation: {heldout['heldout_pairs']} pairs ({heldout['heldout_prompts']} of "
+                f"{heldout['prompts']} prompts; decision reason `heldout`, never in a shard).", ""]
+    out += _lengths_markdown(data)
     if data["advice"].height:
         advice = data["advice"].row(0, named=True)
         evidence = json.loads(advice["evidence"])
