@@ -18,11 +18,14 @@ only cheaper to get. Where the time goes and what this module does about it:
   vocabulary, in chunks, as ``logit[target] - logsumexp(logits)``; no (tokens x vocab)
   log-softmax is materialised for the prompt or padding.
 * no autograd (``torch.inference_mode``); bf16 autocast on CUDA for fp32 models, fp32 on CPU.
+
+Both kinds of pairs: plain text and conversations (message lists through the model's chat
+template, :func:`curation.lm.tokenization.tokenize_conversations`); :func:`reference_logprobs`
+takes either. Which fast paths a model allows is :mod:`curation.lm.fast_paths`' business.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 
@@ -31,10 +34,11 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from curation.lm.fast_paths import _log_off, _longest, _packed_blockers, _shared_blockers, fast_path_blockers
 from curation.lm.packed_attention import packed_attention
 from curation.lm.tokenization import TokenizedPairs, tokenize_preferences
 
-logger = logging.getLogger(__name__)
+__all__ = ["COLUMNS", "default_batch_tokens", "fast_path_blockers", "reference_logprobs", "score_tokenized"]
 
 COLUMNS = (
     "ref_chosen_logps",
@@ -44,8 +48,6 @@ COLUMNS = (
     "chosen_tokens",
     "rejected_tokens",
 )
-# Attention backends that are plain causal SDPA math and accept a ready 4D boolean mask
-_MASK4D_ATTENTION = ("sdpa", "eager")
 # Logit elements per LM-head chunk: bounds the fp32 (rows x vocab) tile to 64 MiB on CPU
 # (cache-sized), 1 GiB on GPUs (few, large GEMMs)
 _LM_HEAD_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 28}
@@ -282,67 +284,6 @@ def _packed_inputs(rows: _Rows, idx: np.ndarray, device: torch.device) -> tuple[
         "winnow_rows": layout,
     }
     return inputs, offset
-
-
-# Model types whose attention is more than causal softmax(QK^T)V (attention sinks)
-_NON_PLAIN_ATTENTION = ("gpt_oss",)
-
-
-def _shared_blockers(model, longest: int) -> list[str]:
-    """Why the model cannot run rows whose attention differs from plain causal (empty: it can).
-
-    ``longest``: the longest sequence TRL would build; a sliding window at least that long
-    never slides, so it is plain causal attention. Attention logit soft-capping does not
-    block these rows: the model applies its own attention to them and adds the mask after
-    capping (eager), so only the mask differs from TRL's rows (checked on Gemma 2).
-    """
-    cfg = model.config.get_text_config()
-    why = []
-    attn = getattr(cfg, "_attn_implementation", None) or "eager"
-    if attn not in _MASK4D_ATTENTION:
-        why.append(f"attention backend {attn!r} (needs sdpa or eager)")
-    layer_types = getattr(cfg, "layer_types", None) or []
-    window = getattr(cfg, "sliding_window", None)
-    if layer_types:
-        sliding = any("sliding" in str(t) for t in layer_types)
-    else:
-        sliding = window is not None and getattr(cfg, "use_sliding_window", True)
-    if sliding and (window is None or longest > window):
-        why.append("sliding-window attention shorter than the sequences")
-    if getattr(cfg, "model_type", None) in _NON_PLAIN_ATTENTION:
-        why.append(f"{cfg.model_type} attention (sinks)")
-    return why
-
-
-def _packed_blockers(model, longest: int) -> list[str]:
-    """Why the packed layout cannot run: its attention is plain SDPA per row, so anything more
-    (soft-capping, sinks, windows, another backend) would be silently dropped."""
-    why = _shared_blockers(model, longest)
-    if getattr(model.config.get_text_config(), "attn_logit_softcapping", None) is not None:
-        why.append("attention logit soft-capping (the packed rows run plain SDPA)")
-    return why
-
-
-def fast_path_blockers(model, tokenized: TokenizedPairs) -> dict[str, list[str]]:
-    """Why each fast path is off for this model and these pairs: ``{"shared": [...], "packed": [...]}``.
-
-    Empty lists: the path gives TRL's numbers here. :func:`score_tokenized` logs the reasons
-    when it switches a path off by itself.
-    """
-    longest = _longest(tokenized)
-    return {"shared": _shared_blockers(model, longest), "packed": _packed_blockers(model, longest)}
-
-
-def _longest(tokenized: TokenizedPairs) -> int:
-    sequence = tokenized.prompt_lengths + np.maximum(tokenized.chosen_lengths, tokenized.rejected_lengths)
-    return int(np.where(tokenized.keep, sequence, 0).max(initial=0))
-
-
-def _log_off(path: str, model, reasons: list[str]) -> None:  # noqa: ANN001
-    """One log line per switched-off fast path, naming the model type and why (the numbers stay TRL's)."""
-    kind = getattr(model.config.get_text_config(), "model_type", type(model).__name__)
-    logger.info("reference log-probs: %s off for %s (%s); scoring chosen and rejected as separate rows",
-                path, kind, "; ".join(reasons))
 
 
 def _model_device(model) -> torch.device:

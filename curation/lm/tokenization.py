@@ -349,13 +349,15 @@ def render_conversations(
     n = len(conversations)
     if tools is not None and len(tools) != n:
         raise ValueError(f"tools has {len(tools)} rows for {n} conversations")
-    groups: dict[str, list[int]] = {}
-    decoded: dict[str, Any] = {}
-    for i in range(n):
-        value = _tools_value(None if tools is None else tools[i])
-        key = json.dumps(value, sort_keys=True, default=str) if value is not None else ""
-        groups.setdefault(key, []).append(i)
-        decoded.setdefault(key, value)
+    groups: dict[object, list[int]] = {}
+    if tools is None:
+        groups[None] = list(range(n))
+    else:  # by the raw value: a JSON string (TRL's tools column), None, or a list of schemas
+        for i, raw in enumerate(tools):
+            key = raw if raw is None or isinstance(raw, str) else json.dumps(raw, sort_keys=True, default=str)
+            groups.setdefault(key, []).append(i)
+    decoded = {key: _tools_value(key if key is None or tools is None else tools[rows[0]])
+               for key, rows in groups.items()}
     out: list[str] = [""] * n
     for key, rows in groups.items():
         batch = [list(conversations[i]) for i in rows]
