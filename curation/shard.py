@@ -83,7 +83,7 @@ def shard_frame(rows: pl.DataFrame, chat_template_logps: bool = False) -> tuple[
             "pair_id",
         )
         if has_ref and chat_template_logps:
-            frame = frame.with_columns(rows.select(REF_LOGP_COLUMNS)).select(
+            frame = frame.with_columns(*(rows[c] for c in REF_LOGP_COLUMNS)).select(
                 *[c for c in frame.columns if c != "pair_id"], *REF_LOGP_COLUMNS, "pair_id")
             return frame, True, True, ("included: computed by the scorer on the chat template's tokens (as TRL "
                                        "tokenises conversations) with the manifest's tokenizer and max_length")

@@ -48,7 +48,7 @@ class StageResult:
     pairs: int
     objective: str
     resumed: bool = False
-    reference_source: str = ""  # "curation", "recomputed" or "trl"
+    reference_source: str = ""  # "curation" (stage 1 reuses the shard's) or "recomputed" (the fast scorer)
     train_loss: float | None = None
     beta: float | None = None  # the objective's (base) beta: evaluation's implicit reward uses it
     seconds: float = 0.0
