@@ -29,12 +29,16 @@ class EvalConfig(BaseModel):
     """Held-out evaluation after training (see training/evaluate/ and training/eval_tasks/)."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    prompts: int = 200
-    heldout_pairs: int = 300
-    max_new_tokens: int = 24
-    seed: int = 1234
-    task: str = "pairs"  # evaluation task by name (training/eval_tasks): pairs (user data) or sorting (the demo)
+    enabled: bool = Field(True, description="Evaluate the final policy against its reference after training.")
+    prompts: int = Field(200, description="At most this many prompts sampled from each model.")
+    heldout_pairs: int = Field(300, description="At most this many pairs scored (implicit reward, drift).")
+    max_new_tokens: int = Field(24, description="Tokens per sampled response.")
+    seed: int = Field(1234, description="Seed of the samples and of the prompt/pair draw.")
+    task: str = Field("pairs", description="Evaluation task by name (training/eval_tasks): pairs (user data: the "
+                                           "prompts curation held out) or sorting (the demo).")
+    reward_model: str | None = Field(None, description="An AutoModelForSequenceClassification folder (or hub id) "
+                                                       "that judges policy and reference samples: mean reward "
+                                                       "of each and the policy's win rate.")
 
 
 class PipelineConfig(BaseModel):

@@ -267,8 +267,9 @@ def _eval_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     config: PipelineConfig = parameters["config"]
     settings = [_workdir(config), parameters["run_id"], config.eval.model_dump(), parameters["beta"],
                 parameters["max_length"]]
+    judge = config.eval.reward_model
     return content_key("evaluate", settings,
-                       [parameters["policy_path"], parameters["reference_path"]])
+                       [parameters["policy_path"], parameters["reference_path"], *([judge] if judge else [])])
 
 
 @task(name="evaluate", cache_policy=keyed_by(_eval_key), **_COMMON)
@@ -281,7 +282,7 @@ def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, referen
     e = config.eval
     return evaluate_run(_catalog(config), run_id, policy_path, reference_path, prompts=e.prompts,
                         pairs=e.heldout_pairs, max_new_tokens=e.max_new_tokens, max_length=max_length,
-                        beta=beta, seed=e.seed, task=e.task)
+                        beta=beta, seed=e.seed, task=e.task, reward_model=e.reward_model)
 
 
 # -- report and artifacts (cheap, never cached) ---------------------------------------------

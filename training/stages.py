@@ -52,7 +52,7 @@ class StageResult:
     pairs: int
     objective: str
     resumed: bool = False
-    reference_source: str = ""  # "curation", "recomputed" or "trl"
+    reference_source: str = ""  # "curation" (stage 1 reuses the shard's) or "recomputed" (the fast scorer)
     train_loss: float | None = None
     beta: float | None = None  # the objective's (base) beta: evaluation's implicit reward uses it
     seconds: float = 0.0
@@ -63,16 +63,19 @@ def load_stage_frame(manifest: ShardManifest, entry: StageShard) -> pl.DataFrame
     return pl.read_parquet(manifest.verified_path(entry))
 
 
-def _is_conversational(frame: pl.DataFrame) -> bool:
-    return frame.schema["prompt"] != pl.String
-
-
 def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig, progress: bool) -> pl.DataFrame:  # noqa: ANN001
-    from curation.lm.logprobs import score_tokenized
-    from curation.lm.tokenization import tokenize_pairs
+    """The stage's reference log-probs by the fast scorer, on the tokens TRL builds from this shard.
 
-    tokens = tokenize_pairs(tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
-                            frame["rejected"].to_list(), config.max_length, config.truncation_mode or TRL_TRUNCATION)
+    Conversational shards hold message lists (and maybe a ``tools`` column); they go through the
+    tokenizer's chat template exactly as TRL's ``_prepare_dataset`` applies it.
+    """
+    from curation.lm.logprobs import score_tokenized
+    from curation.lm.tokenization import tokenize_preferences
+
+    tools = frame["tools"].to_list() if "tools" in frame.columns else None
+    tokens = tokenize_preferences(tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
+                                  frame["rejected"].to_list(), tools, config.max_length,
+                                  config.truncation_mode or TRL_TRUNCATION)
     return score_tokenized(model, tokens, progress=progress).select(REF_COLUMNS)
 
 
@@ -286,11 +289,10 @@ def _reference_plan(frame: pl.DataFrame, stage: int, current: str | Path, base_m
     """Where this stage's reference log-probs come from.
 
     Curation's are reused only for stage 1, when computed with the same model, max_length and
-    truncation; conversational shards go through TRL's own precompute pass (the chat template
-    decides tokens).
+    truncation; every other stage's are recomputed by the fast scorer with that stage's
+    reference. Conversations are no exception: curation scores them on the chat template's
+    tokens, as TRL trains on them, and ships the columns only then (curation/shard.py).
     """
-    if _is_conversational(frame):
-        return "trl"
     has_ref = set(REF_COLUMNS) <= set(frame.columns) and frame[REF_COLUMNS[0]].null_count() == 0
     ref = manifest.reference
     same_model = ref.model is not None and str(ref.model) == str(base_model)
