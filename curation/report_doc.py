@@ -95,7 +95,7 @@ def markdown_section(key: str, lines: Sequence[str]) -> Section:
     """A section written as markdown lines that start with its own ``## Title`` heading.
 
     How a section written for the old single-markdown report joins ``SECTIONS`` unchanged:
-    ``lambda run_id, data: markdown_section("lengths", _lengths_markdown(data))``.
+    ``lambda run_id, data: markdown_section("dups", _screen_markdown(data))``.
     """
     lines = list(lines)
     if not lines or not lines[0].startswith("## "):

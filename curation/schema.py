@@ -34,7 +34,9 @@ class DecisionReason(StrEnum):
     """Why curation kept or dropped a scored pair (the `decisions.reason` column). Values are stable."""
 
     KEPT = "kept"
+    HELDOUT = "heldout"  # prompt held out of training for evaluation (curation/heldout.py)
     TOO_LONG = "too_long"
+    OVER_MAX_LENGTH = "over_max_length"  # length_policy drop: prompt + completion exceed max_length
     TRUNCATED = "truncated"
     LOW_EDIT_DISTANCE = "low_edit_distance"
     LENGTH_RATIO = "length_ratio"

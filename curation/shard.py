@@ -84,9 +84,15 @@ def _as_messages(json_col: str, text_col: str, role: str, dtype: pl.DataType = M
     return pl.when(pl.col(json_col).is_null()).then(wrapped).otherwise(decoded).alias(text_col)
 
 
-def shard_frame(rows: pl.DataFrame) -> tuple[pl.DataFrame, bool, bool, str]:
-    """(frame in TRL layout, conversational, ref columns included, why or why not)."""
+def shard_frame(rows: pl.DataFrame, chat_template_logps: bool = False) -> tuple[pl.DataFrame, bool, bool, str]:
+    """(frame in TRL layout, conversational, ref columns included, why or why not).
+
+    The reference log-prob columns ride along when every kept pair has them; for conversations
+    only when the scorer computed them on the chat template's tokens (``chat_template_logps``,
+    from the run's score record), which is what TRL trains on.
+    """
     conversational = rows["prompt_messages"].null_count() < rows.height
+    has_ref = rows.height > 0 and all(c in rows.columns and rows[c].null_count() == 0 for c in REF_LOGP_COLUMNS)
     if conversational:
         dtype = message_type(rows)
         tools = ["tools"] if "tools" in rows.columns and rows["tools"].null_count() < rows.height else []
@@ -98,9 +104,14 @@ def shard_frame(rows: pl.DataFrame) -> tuple[pl.DataFrame, bool, bool, str]:
             *tools,  # JSON text of the function schemas; TRL's DPOTrainer decodes it for the chat template
             "pair_id",
         )
-        return frame, True, False, ("omitted: conversational pairs; the scores' log-probs were computed on rendered "
-                                    "text, not on the chat template training applies")
-    has_ref = all(rows[c].null_count() == 0 for c in REF_LOGP_COLUMNS) and rows.height > 0
+        if has_ref and chat_template_logps:
+            frame = frame.with_columns(*(rows[c] for c in REF_LOGP_COLUMNS)).select(
+                *[c for c in frame.columns if c != "pair_id"], *REF_LOGP_COLUMNS, "pair_id")
+            return frame, True, True, ("included: computed by the scorer on the chat template's tokens (as TRL "
+                                       "tokenises conversations) with the manifest's tokenizer and max_length")
+        why = ("the scores' log-probs were computed on rendered text, not on the chat template training applies"
+               if has_ref else "the run was scored without a reference model (or some kept pairs lack log-probs)")
+        return frame, True, False, f"omitted: conversational pairs; {why}"
     columns = ["stage", "prompt", "chosen", "rejected", *(REF_LOGP_COLUMNS if has_ref else ()), "pair_id"]
     note = ("included: computed by the scorer with the manifest's tokenizer and max_length" if has_ref else
             "omitted: the run was scored without a reference model (or some kept pairs lack log-probs)")
@@ -125,12 +136,15 @@ def _arrow(frame: pl.DataFrame) -> pa.Table:
 
 
 def write_shards(catalog: Catalog, run_id: str, order: pl.DataFrame, out_dir: Path,
-                 compression: str = "zstd") -> ShardSet:
-    """One parquet file per stage under `out_dir`; stale stage files of an earlier run are removed."""
+                 compression: str = "zstd", chat_template_logps: bool = False) -> ShardSet:
+    """One parquet file per stage under `out_dir`; stale stage files of an earlier run are removed.
+
+    `chat_template_logps`: the scorer tokenised conversations with the chat template (see :func:`shard_frame`).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("stage-*.parquet"):
         stale.unlink()
-    frame, conversational, has_ref, note = shard_frame(kept_pair_rows(catalog, run_id, order))
+    frame, conversational, has_ref, note = shard_frame(kept_pair_rows(catalog, run_id, order), chat_template_logps)
     shards: list[ShardInfo] = []
     columns = [c for c in frame.columns if c != "stage"]
     for stage_frame in frame.partition_by("stage", maintain_order=True):

@@ -80,9 +80,12 @@ def ingest(
     """Read preference pairs into the catalog and print the accounting table (shapes: docs/datasets.md)."""
     from curation.ingest import ingest as run_ingest
     from curation.ingest.mapping import parse_columns
+    from curation.paths import check_run_id
     from curation.store import Catalog
     from flows.display import Output, accounting_document, render_accounting
 
+    if run_id is not None:
+        check_run_id(run_id)
     options = IngestOptions(format=format, max_bad_fraction=max_bad_fraction, max_bytes=max_bytes,
                             columns=parse_columns(columns), pairing=pairing, rating=rating,
                             min_rating_gap=min_rating_gap, preference_label=preference_label)
@@ -99,7 +102,11 @@ def query(
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run read-only SQL against the catalog and print the result."""
+    """Run read-only SQL against the catalog and print the result.
+
+    DuckDB runs it with external access off and its configuration locked: it reads the catalog
+    and nothing else (no files, no network, no extensions); a refused statement gets one line.
+    """
     from curation.store import Catalog
 
     frame = Catalog(workdir).query(sql)
@@ -121,6 +128,20 @@ def _latest_run(workdir: Path) -> str:
     return run_id
 
 
+def _existing_run(workdir: Path, run_id: str | None) -> str:
+    """The named run (its id checked, and present in the catalog), or the latest one."""
+    from curation.paths import check_run_id
+    from curation.store import Catalog
+
+    if run_id is None:
+        return _latest_run(workdir)
+    check_run_id(run_id)
+    if not Catalog(workdir).run_exists(run_id):
+        raise WinnowError(f"no run {run_id!r} in {workdir}: pass a run id from its `runs` table, or none for the "
+                          "latest run")
+    return run_id
+
+
 @app.command()
 def score(
     run_id: Annotated[str | None, typer.Argument(help="Run to score; default: the latest run.")] = None,
@@ -134,14 +155,22 @@ def score(
     reference: Annotated[bool, typer.Option(help="Compute reference log-probs (reused by training).")] = True,
 ) -> None:
     """Score a run's pairs: edit distances, lengths, reward margin, reference log-probs."""
+    from curation.locks import run_lock
+    from curation.paths import run_dir
+    from curation.store import Catalog
+
+    run_id = _existing_run(workdir, run_id)
+    with run_lock(run_dir(workdir, run_id)):  # a run of the same id may be scoring it right now
+        _score(Catalog(workdir), run_id, workdir, model, margin, reward_model, policy, max_length, reference)
+
+
+def _score(catalog, run_id: str, workdir: Path, model: str, margin: str, reward_model: str | None,  # noqa: ANN001
+           policy: str | None, max_length: int, reference: bool) -> None:
     from curation.lm.loading import load_model, load_tokenizer
     from curation.reads import run_pair_texts, score_summary
     from curation.score.scoring import ScoringModels, score_run
-    from curation.store import Catalog
     from training.models import resolve_model
 
-    catalog = Catalog(workdir)
-    run_id = run_id or _latest_run(workdir)
     pairs = run_pair_texts(catalog, run_id)
     model_path = str(resolve_model(model, pairs["prompt"].to_list(), pairs["chosen"].to_list(), workdir))
     use_reference = reference or margin == "reference"
@@ -227,7 +256,7 @@ def report(
     from curation.report import build_report
     from curation.store import Catalog
 
-    path = build_report(Catalog(workdir), run_id or _latest_run(workdir))
+    path = build_report(Catalog(workdir), _existing_run(workdir, run_id))
     console.print(f"report: {path.with_suffix('.html')}\n        {path}", highlight=False, soft_wrap=True)
 
 
@@ -254,7 +283,7 @@ def export(
     options = ExportOptions(stage=stage, per_stage=per_stage, curation_columns=curation_columns, private=not public)
     out = Output(as_json, console=None if as_json else console)
     with out.work(steps=False):
-        result = export_run(Catalog(workdir), run_id or _latest_run(workdir), to, options)
+        result = export_run(Catalog(workdir), _existing_run(workdir, run_id), to, options)
     out.result(result.to_dict(), lambda c: render_export(result, c))
 
 
@@ -357,7 +386,12 @@ def gym(
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2.
+
+    A full disk, a read-only or a forbidden folder is the user's to fix as well: one line
+    (curation.paths.fault_message), not a traceback.
+    """
+    from curation.paths import fault_message
     from flows.prefect_env import configure_prefect
 
     configure_prefect()  # before any command imports Prefect
@@ -368,6 +402,11 @@ def main() -> None:
         message, code = str(exc), 2
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:
+        message = fault_message(exc)
+        if message is None:
+            raise
+        code = 2
     # Exit outside the except block: the failed frames (and the DuckDB handles they hold)
     # are released before interpreter shutdown.
     if message is not None:

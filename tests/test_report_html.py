@@ -49,11 +49,12 @@ def test_report_html_in_a_real_browser(run, tmp_path: Path) -> None:
         page.set_viewport_size({"width": 420, "height": 900})
         overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert log.errors == []
-    assert len(images) == 4 and all(i["complete"] and i["width"] > 0 for i in images), images  # 3 plots + training
-    assert headings == ["Decisions by reason and stage", "Plots", "Filters", "Stages", "Objective advice", "Training",
-                        "Evaluation", "Dropped pairs, by reason", "Ask the catalog"]
-    dropped = catalog.query("SELECT reason, count(*) AS n FROM decisions WHERE run_id = ? AND NOT kept GROUP BY 1",
-                            [run_id])
+    # margin, edit distance, length gap, token lengths, training curves
+    assert len(images) == 5 and all(i["complete"] and i["width"] > 0 for i in images), images
+    assert headings == ["Decisions by reason and stage", "Plots", "Filters", "Lengths", "Stages", "Objective advice",
+                        "Training", "Evaluation", "Dropped pairs, by reason", "Ask the catalog"]
+    dropped = catalog.query("SELECT reason, count(*) AS n FROM decisions WHERE run_id = ? AND NOT kept "
+                            "AND reason != 'heldout' GROUP BY 1", [run_id])
     assert sorted(r.split(":")[0] for r in reasons) == sorted(dropped["reason"].to_list())
     assert shot.stat().st_size > 10_000 and overflow <= 0
 
