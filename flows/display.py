@@ -430,12 +430,14 @@ def render_summary(summary: dict[str, Any], console: Console, catalog: str | Pat
 
     console.print()
     if "kept" in summary:
-        dropped = summary.get("dropped") or {}
+        dropped = dict(summary.get("dropped") or {})
+        heldout = dropped.pop("heldout", 0)  # not dropped: kept aside for evaluation
         sizes = summary.get("stage_sizes") or []
         console.print(Text.from_markup(
             f"[bold]{summary['run_id']}[/]: {summary['pairs']:,} pairs, [green]{summary['kept']:,} kept[/] in "
             f"{len(sizes)} stage(s) ({', '.join(f'{s:,}' for s in sizes)}), "
-            f"{summary['pairs'] - summary['kept']:,} dropped"
+            + (f"{heldout:,} held out for evaluation, " if heldout else "")
+            + f"{sum(dropped.values()):,} dropped"
             + (f" ({', '.join(f'{k} {v:,}' for k, v in dropped.items())})" if dropped else "")), soft_wrap=False)
         advice = summary.get("advice") or {}
         if advice.get("objective"):

@@ -101,8 +101,8 @@ def test_summary_has_the_paths_uncut_and_fits_a_screen(tmp_path: Path) -> None:
     report.parent.mkdir()
     report.write_text("# r")
     report.with_suffix(".html").write_text("<html></html>")
-    summary = {"run_id": "run-04f33f4e8688", "pairs": 2944, "kept": 2355, "stage_sizes": [1178, 1177],
-               "dropped": {"beta_outlier_low": 440, "beta_outlier_high": 149},
+    summary = {"run_id": "run-04f33f4e8688", "pairs": 2974, "kept": 2355, "stage_sizes": [1178, 1177],
+               "dropped": {"beta_outlier_low": 440, "heldout": 30, "beta_outlier_high": 149},
                "advice": {"objective": "beta-dpo", "params": {"beta": 2.0}, "rationale": "Noisy margins."},
                "shard_dir": str(tmp_path / "shards"), "report": str(report), "final_model": LONG_PATH,
                "stages": [{"stage": 1, "objective": "beta-dpo", "pairs": 1178, "reference_source": "curation",
@@ -113,7 +113,7 @@ def test_summary_has_the_paths_uncut_and_fits_a_screen(tmp_path: Path) -> None:
     render_summary(summary, console, catalog=tmp_path / "catalog.duckdb")
     out = buffer.getvalue()
     for value in (LONG_PATH, str(report.with_suffix(".html")), str(tmp_path / "shards"), "gold_reward 0.9425 (ref 0.9213)",
-                  "beta_outlier_low 440"):
+                  "beta_outlier_low 440", "30 held out for evaluation", "589 dropped"):
         assert value in out.replace("\n", " ") if " " in value else value in out, (value, out)
     assert len(out.splitlines()) < 25
 
