@@ -3,7 +3,8 @@
 Why: the shards are training's hand-off (parquet plus a manifest, reference log-probs
 included); a user who wants "the curated data" wants something `datasets.load_from_disk`,
 `load_dataset("json", ...)` or the hub takes as it is. The rows are the shards' (TRL's layout:
-prompt/chosen/rejected, message lists for conversational pairs) in teaching order (stage,
+prompt/chosen/rejected, message lists for conversational pairs, `tools` when they carry
+function schemas) in teaching order (stage,
 then position); the curation columns (margin, weight, stage, source line...) come on request.
 
 Layout of ``--to DIR``::
@@ -79,11 +80,13 @@ def kept_frame(catalog: Catalog, run_id: str, options: ExportOptions) -> pl.Data
     if order.height == 0:
         which = f"stage {options.stage}" if options.stage is not None else "any stage"
         raise WinnowError(f"run {run_id} keeps no pairs in {which}")
-    frame = shard_frame(kept_pair_rows(catalog, run_id, order))[0].select("stage", "pair_id", *TRL_COLUMNS)
+    shards = shard_frame(kept_pair_rows(catalog, run_id, order))[0]
+    trl = [*TRL_COLUMNS, *(["tools"] if "tools" in shards.columns else [])]  # tool schemas ride with conversations
+    frame = shards.select("stage", "pair_id", *trl)
     if options.curation_columns:
         extra = kept_curation_columns(catalog, run_id).drop("stage")
         frame = frame.join(extra, on="pair_id", how="left", maintain_order="left")
-        frame = frame.select("stage", *TRL_COLUMNS, *extra.columns)
+        frame = frame.select("stage", *trl, *extra.columns)
     else:
         frame = frame.drop("pair_id")
     return frame

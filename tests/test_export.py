@@ -101,6 +101,26 @@ def test_conversational_pairs_export_as_message_lists(tmp_path: Path) -> None:
     assert first["rejected"][0]["content"].startswith("rejected answer")
 
 
+def test_tool_schemas_ride_with_conversations(tmp_path: Path) -> None:
+    """A conversational run whose pairs carry `tools` exports them, as its shards do (TRL's layout)."""
+    from datasets import load_from_disk
+
+    from curation.decide import curate
+    from tests.test_curation_decisions import QUICK, flipped_set, make_catalog, synthetic_scores
+
+    margins, _ = flipped_set(120)
+    catalog = make_catalog(tmp_path, synthetic_scores(margins), conversational=True)
+    tools = json.dumps([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}])
+    pairs = catalog.query("SELECT * EXCLUDE (run_id) FROM pairs WHERE run_id = ?", ["run-synthetic"])
+    with catalog.transaction() as con:
+        catalog.replace_slice(con, "pairs", pairs.with_columns(tools=pl.lit(tools)), run_id="run-synthetic")
+    curate(catalog, "run-synthetic", QUICK)
+    result = export_run(catalog, "run-synthetic", str(tmp_path / "out"))
+    assert result.columns == ["prompt", "chosen", "rejected", "tools"]
+    row = load_from_disk(str(tmp_path / "out" / "dataset"))[0]
+    assert json.loads(row["tools"])[0]["function"]["name"] == "get_weather"
+
+
 def test_hub_export_fails_in_one_line_without_a_token_or_a_hub(run, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
