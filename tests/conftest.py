@@ -35,3 +35,10 @@ def _fresh_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     reset_environment()
     yield
     reset_environment()
+
+
+@pytest.fixture
+def bars_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress bars allowed whatever another module set at import (several set TQDM_DISABLE=1)."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.delenv("WINNOW_NO_PROGRESS", raising=False)

@@ -56,7 +56,7 @@ def test_plain_lines_one_per_finished_step_no_carriage_returns() -> None:
     assert "from cache" in lines[3] and "from cache" not in lines[2]  # score had a task that ran
 
 
-def test_live_display_shows_bars_and_ends_with_every_step() -> None:
+def test_live_display_shows_bars_and_ends_with_every_step(bars_on: None) -> None:
     console, buffer = _console(terminal=True)
     with RunDisplay(console, live=True) as display, use_sink(display):
         assert current_sink() is display
@@ -125,6 +125,9 @@ def test_quiet_libraries_silences_and_restores() -> None:
 
     handler = PrefectConsoleHandler()
     logging.getLogger().addHandler(handler)
+    ds_before, tf_before = ds_logging.is_progress_bar_enabled(), tf_logging.is_progress_bar_enabled()
+    ds_logging.enable_progress_bar()  # another module may have turned them off for good (tests do)
+    tf_logging.enable_progress_bar()
     try:
         before = handler.level
         with quiet_libraries():
@@ -138,6 +141,10 @@ def test_quiet_libraries_silences_and_restores() -> None:
         assert handler.level == before and "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL" not in os.environ
     finally:
         logging.getLogger().removeHandler(handler)
+        if not ds_before:
+            ds_logging.disable_progress_bar()
+        if not tf_before:
+            tf_logging.disable_progress_bar()
 
 
 def test_json_output_is_one_document_and_work_output_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,6 +179,7 @@ def _cli(args: list[str], cwd: Path, api: str | None = None) -> subprocess.Compl
     if api:
         env["PREFECT_API_URL"] = api
     env.pop("WINNOW_NO_PROGRESS", None)
+    env.pop("TQDM_DISABLE", None)  # set by other test modules at import; a user's shell has neither
     env.pop("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", None)
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)

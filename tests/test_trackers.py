@@ -62,7 +62,8 @@ def _scalars(logs: Path) -> dict[str, list[float]]:
 
 
 def test_tensorboard_gets_the_dpo_metrics_and_the_sink_gets_the_steps(
-    model_dir: Path, shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]  # noqa: F811
+    model_dir: Path, shard_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811
+    bars_on: None,
 ) -> None:
     pytest.importorskip("tensorboard", reason="the dev extra installs tensorboard")
     sink = RecordingSink()
