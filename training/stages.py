@@ -151,6 +151,7 @@ def train_stage(
         processing_class=tokenizer,
         peft_config=peft_config,
         objective=objective,
+        packing=config.packing,
         callbacks=[recorder, *callbacks],
     )
     from curation.lm.loading import cpu_threads_for, torch_threads
