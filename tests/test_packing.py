@@ -201,3 +201,60 @@ def test_short_sequences_pack_under_a_longer_window():
     model = _model("mistral short window", BLOCKED)
     assert choose_packing("auto", model, 16).enabled
     assert not choose_packing("auto", model, 17).enabled
+
+
+# ------------------------------------------------------------------------------ the trainer
+
+
+def test_trainer_packed_steps_equal_padded(tmp_path, caplog):
+    """WinnowDPOTrainer, real TRL steps: packing off, on, and on with gradient checkpointing (the
+    backward recomputes attention, so the packed switch must hold over the whole step) give the same
+    per-step loss and weights; the choice is logged; nothing is left switched or registered after."""
+    from datasets import Dataset
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from trl import DPOConfig
+
+    from curation.lm.loading import load_model, load_tokenizer
+    from curation.lm.packed_attention import NAME
+    from tests.test_trainer import LogRecorder, pairs_frame, state_diff, tiny_model, with_reference
+    from training.trainer import WinnowDPOTrainer
+
+    model_dir = tiny_model(tmp_path / "model")
+    tokenizer, reference = load_tokenizer(model_dir), load_model(model_dir, device="cpu")
+    policy = copy.deepcopy(reference)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    data = Dataset.from_polars(with_reference(pairs_frame(24, seed=7), reference, tokenizer).drop("pair_id"))
+
+    def run(packing: str, checkpointing: bool) -> tuple[list[float], dict, WinnowDPOTrainer]:
+        recorder = LogRecorder()
+        args = DPOConfig(output_dir=str(tmp_path / f"{packing}-{checkpointing}"), per_device_train_batch_size=8,
+                         max_steps=3, logging_steps=1, learning_rate=1e-3, lr_scheduler_type="constant",
+                         warmup_steps=0, max_length=128, beta=0.1, precompute_ref_log_probs=True, seed=0,
+                         use_cpu=True, bf16=False, gradient_checkpointing=checkpointing, report_to=[],
+                         save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
+        trainer = WinnowDPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=data,
+                                   processing_class=tokenizer, callbacks=[recorder], packing=packing,
+                                   objective=Objective.from_preset("dpo"))
+        trainer.train()
+        return [row["loss"] for row in recorder.logs], trainer.model.state_dict(), trainer
+
+    with caplog.at_level(logging.INFO, logger="training.trainer"):
+        padded_loss, padded_state, padded = run("off", False)
+        packed_loss, packed_state, packed = run("on", False)
+        ckpt_loss, ckpt_state, _ = run("auto", True)
+    assert not padded.packing.enabled and packed.packing.enabled
+    assert any("packed rows" in r.getMessage() for r in caplog.records)
+    assert any("packing off" in r.getMessage() for r in caplog.records)
+    assert len(padded_loss) == 3
+    assert packed_loss == pytest.approx(padded_loss, abs=1e-5, rel=0)
+    assert ckpt_loss == pytest.approx(padded_loss, abs=1e-5, rel=0)
+    assert state_diff(packed_state, padded_state) < 1e-5
+    assert state_diff(ckpt_state, padded_state) < 1e-5
+    assert state_diff(padded_state, policy.state_dict()) > 1e-4  # the steps did move the weights
+    assert packed.packing_tokens["packed"] < padded.packing_tokens["packed"] <= padded.packing_tokens["padded"]
+    assert packed.packing_tokens["padded"] == padded.packing_tokens["padded"]
+    assert NAME not in ALL_ATTENTION_FUNCTIONS
+    assert all(m.config._attn_implementation == "sdpa" for m in packed.model.modules() if hasattr(m, "config"))
