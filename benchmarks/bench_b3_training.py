@@ -55,8 +55,8 @@ ARMS = ("trl-best", "trl-live", "winnow", "winnow-padded")
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=512, pairs=256, scale=0.4,
                  batch_size=16, max_length=512, lr=5e-4),
-    "medium": dict(hidden=512, layers=6, heads=8, kv_heads=8, intermediate=1376, vocab=8192, pairs=64, scale=1.0,
-                   batch_size=16, max_length=512, lr=1e-4),
+    "medium": dict(hidden=512, layers=6, heads=8, kv_heads=8, intermediate=1376, vocab=8192, pairs=32, scale=1.0,
+                   batch_size=8, max_length=512, lr=1e-4),
     "0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=32000, pairs=2048, scale=2.0,
                  batch_size=16, max_length=1024, lr=1e-5),
 }
