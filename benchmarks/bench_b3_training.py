@@ -55,7 +55,7 @@ ARMS = ("trl-best", "trl-live", "winnow", "winnow-padded")
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=512, pairs=256, scale=0.4,
                  batch_size=16, max_length=512, lr=5e-4),
-    "medium": dict(hidden=512, layers=6, heads=8, kv_heads=8, intermediate=1376, vocab=8192, pairs=32, scale=1.0,
+    "medium": dict(hidden=512, layers=6, heads=8, kv_heads=8, intermediate=1376, vocab=8192, pairs=24, scale=0.6,
                    batch_size=8, max_length=512, lr=1e-4),
     "0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=32000, pairs=2048, scale=2.0,
                  batch_size=16, max_length=1024, lr=1e-5),
@@ -213,7 +213,7 @@ def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, 
         dataset = Dataset.from_polars(shard)
         trainer = WinnowDPOTrainer(model=base, args=config(True), train_dataset=dataset, processing_class=tokenizer,
                                    callbacks=[Losses()], objective=Objective.from_preset("dpo"),
-                                   packing="off" if arm == "winnow-padded" else "auto")
+                                   packing="off" if arm == "winnow-padded" else args.winnow_packing)
         stats["packing"] = trainer.packing.reason
         sync()
         phases["trainer init (tokenise)"] = time.perf_counter() - start
@@ -373,6 +373,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, as training "
                                                               "uses at width <= 256; all cores above)")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--winnow-packing", choices=["auto", "on"], default="auto",
+                    help="the winnow arm's packing (on: also on CUDA without flash-attn)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -412,7 +414,7 @@ def main() -> None:
             out = work / f"{tag}-{arm}.json"
             cmd = [sys.executable, __file__, "--child", arm, "--child-size", size, "--child-out", str(out),
                    "--workdir", str(work), "--device", args.device, "--dtype", args.dtype,
-                   "--threads", str(args.threads), "--seed", str(args.seed)]
+                   "--threads", str(args.threads), "--seed", str(args.seed), "--winnow-packing", args.winnow_packing]
             if args.pairs:
                 cmd += ["--pairs", str(args.pairs)]
             if steps or args.max_steps:

@@ -258,3 +258,34 @@ def test_trainer_packed_steps_equal_padded(tmp_path, caplog):
     assert packed.packing_tokens["padded"] == padded.packing_tokens["padded"]
     assert NAME not in ALL_ATTENTION_FUNCTIONS
     assert all(m.config._attn_implementation == "sdpa" for m in packed.model.modules() if hasattr(m, "config"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("varlen", [False, True])
+def test_packed_equals_padded_on_cuda(varlen):
+    """On the GPU: per-segment SDPA (fp32, tight) and varlen FlashAttention (bf16, flash-attn installed)."""
+    from curation.lm.packed_attention import flash_varlen_available
+
+    if varlen and not flash_varlen_available():
+        pytest.skip("flash-attn is not installed")
+    dtype = torch.bfloat16 if varlen else torch.float32
+    model = _model("llama").to("cuda", dtype)
+    examples = _examples(8)
+    ref = torch.linspace(-60, -20, 16, device="cuda")
+    batch = {k: v.cuda() for k, v in DataCollatorForPreference(pad_token_id=0)(examples).items()}
+    want = _padded_logps(model, batch).float()
+    packed = pack_batch(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    got, _ = packed_logps(model, packed, varlen=varlen)
+    got = got.float()
+    tol = dict(atol=0.5, rtol=2e-2) if varlen else dict(atol=1e-4, rtol=1e-6)  # bf16: ~3 significant digits
+    torch.testing.assert_close(got, want, **tol)
+    model.zero_grad()
+    _loss(want, ref).backward()
+    want_grads = _grads(model)
+    model.zero_grad()
+    got2, _ = packed_logps(model, packed, varlen=varlen)
+    _loss(got2.float(), ref).backward()
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g.float(), want_grads[k].float(), **(dict(atol=5e-2, rtol=5e-2) if varlen
+                                                                          else dict(atol=1e-5, rtol=1e-4)))
