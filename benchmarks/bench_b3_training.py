@@ -410,7 +410,7 @@ def main() -> None:
         else:
             args.peak = None
 
-        def launch(arm: str, tag: str, steps: int | None = None) -> dict[str, Any]:
+        def launch(arm: str, tag: str, steps: int | None = None, work: Path = work, size: str = size) -> dict[str, Any]:
             out = work / f"{tag}-{arm}.json"
             cmd = [sys.executable, __file__, "--child", arm, "--child-size", size, "--child-out", str(out),
                    "--workdir", str(work), "--device", args.device, "--dtype", args.dtype,

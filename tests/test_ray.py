@@ -59,7 +59,7 @@ def test_each_scoring_shard_gets_its_own_gpu(ray_cluster):
     assert plain[0] == []
 
 
-def test_ray_workers_score_like_threads(ray_cluster, small_source: Path, tmp_path: Path, monkeypatch) -> None:
+def test_ray_workers_score_like_threads(ray_cluster, small_source: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: F811
     """The curate flow on the Ray runner: the same catalog scores as threads, and both scoring shards
     went to Ray asking for one CPU and one GPU each (the spy sees the options the runner passes)."""
     import prefect_ray.task_runners as ray_runners
