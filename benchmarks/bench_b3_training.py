@@ -230,10 +230,8 @@ def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, 
     stats["cpu_s"] = _cpu_s() - cpu0
     stats.update(phases=phases, loss=losses, steps=trainer.state.global_step, batch_tokens_padded=counting.padded,
                  batch_tokens_real=counting.real)
-    if arm.startswith("winnow"):
-        stats["tokens_run"] = trainer.packing_tokens["packed"]
-    else:
-        stats["tokens_run"] = counting.padded
+    # tokens the policy's forwards ran: the packed rows, or TRL's padded batches
+    stats["tokens_run"] = trainer.packing_tokens["packed"] if arm == "winnow" else counting.padded
     stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         stats["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

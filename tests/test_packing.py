@@ -289,3 +289,30 @@ def test_packed_equals_padded_on_cuda(varlen):
     for k, g in _grads(model).items():
         torch.testing.assert_close(g.float(), want_grads[k].float(), **(dict(atol=5e-2, rtol=5e-2) if varlen
                                                                           else dict(atol=1e-5, rtol=1e-4)))
+
+
+def test_lora_adapters_pack_like_padded():
+    """Through a PEFT LoRA wrapper (the trainer's model with lora=True): same log-probs and adapter grads."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+    assert choose_packing("auto", model, 80).enabled
+    batch = DataCollatorForPreference(pad_token_id=0)(_examples())
+    ref = torch.linspace(-60, -20, 12)
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        if packed:
+            logps, _ = packed_logps(model, pack_batch(batch["input_ids"], batch["attention_mask"],
+                                                      batch["completion_mask"]))
+        else:
+            logps = _padded_logps(model, batch)
+        _loss(logps, ref).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logps.detach(), grads))
+    (want, want_grads), (got, grads) = results
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
+    assert grads.keys() == want_grads.keys() and len(grads) == 8  # 2 layers x 2 modules x (A, B)
+    for k in grads:
+        torch.testing.assert_close(grads[k], want_grads[k], atol=1e-5, rtol=1e-4, msg=k)
