@@ -42,7 +42,9 @@ class WinnowDPOTrainer(DPOTrainer):
     def __init__(self, *args: Any, objective: Objective, packing: str = "auto", **kwargs: Any) -> None:
         self.objective = objective
         self.packing = PackingChoice(False, "not chosen yet")  # TRL's constructor runs forwards (precompute)
-        self.packing_tokens = {"packed": 0, "padded": 0}  # tokens run vs TRL's padded batches, for reports
+        # for reports: "packed": tokens of the packed rows (packing off: the batches' real tokens);
+        # "padded": tokens of TRL's padded batches; their ratio is the padding packing removes
+        self.packing_tokens = {"packed": 0, "padded": 0}
         super().__init__(*args, **kwargs)
         self.packing = self._choose_packing(packing)
 
