@@ -17,14 +17,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from curation import paths
 from curation.advice import Advice, AdviceConfig, advise
 from curation.beta_filter import BetaFilterConfig, BetaFilterResult, beta_filter
 from curation.errors import WinnowError
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules
+from curation.heldout import HeldoutConfig, split_heldout
 from curation.jsonable import json_safe
 from curation.manifest import ReferenceInfo, ShardManifest, StageShard
 from curation.reads import WHY_SQL, run_config, scored_pairs, why
 from curation.schema import DecisionReason
+from curation.score.scoring import CONVERSATION_TOKENS
 from curation.shard import ShardSet, write_shards
 from curation.stage import StageConfig, assign_stages, placement_details, stage_summary
 from curation.store import Catalog
@@ -39,6 +42,7 @@ class CurateConfig:
     beta: BetaFilterConfig = field(default_factory=BetaFilterConfig)
     stages: StageConfig = field(default_factory=StageConfig)
     advice: AdviceConfig = field(default_factory=AdviceConfig)
+    heldout: HeldoutConfig = field(default_factory=HeldoutConfig)
     compression: str = "zstd"
     report: bool = True
 
@@ -61,7 +65,7 @@ class CurateConfig:
         extra = {k: v for k, v in data.items() if k in ("compression", "report")}
         return cls(rules=RulesConfig(**rules), beta=BetaFilterConfig(**(data.get("beta") or {})),
                    stages=StageConfig(**(data.get("stages") or {})), advice=AdviceConfig(**(data.get("advice") or {})),
-                   **extra)
+                   heldout=HeldoutConfig(**(data.get("heldout") or {})), **extra)
 
 
 @dataclass
@@ -83,7 +87,8 @@ class CurateResult:
 
 
 def run_dir(workdir: Path | str, run_id: str) -> Path:
-    return Path(workdir) / run_id
+    """The run's folder, the run id checked and the path kept inside the workdir (curation.paths)."""
+    return paths.run_dir(workdir, run_id)
 
 
 def _load(catalog: Catalog, run_id: str) -> tuple[pl.DataFrame, dict[str, Any]]:
@@ -149,8 +154,15 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
     start = time.perf_counter()
     frame, scoring = _load(catalog, run_id)
 
-    ruled, resolved = apply_rules(frame, config.rules, scoring["max_length"], scoring["truncation_mode"])
-    frame = frame.with_columns(reason=ruled["reason"], detail=ruled["detail"])
+    # held-out prompts first: they leave before any rule, so no threshold is computed on them
+    heldout = split_heldout(frame["prompt_key"], config.heldout)
+    frame = frame.with_columns(_held=pl.Series(heldout.mask))
+    ruled, resolved = apply_rules(frame.filter(~pl.col("_held")), config.rules, scoring["max_length"],
+                                  scoring["truncation_mode"])
+    frame = frame.join(ruled, on="pair_id", how="left", maintain_order="left").with_columns(
+        reason=pl.when("_held").then(pl.lit(DecisionReason.HELDOUT.value)).otherwise(pl.col("reason")),
+        detail=pl.when("_held").then(pl.lit(heldout.detail(config.heldout))).otherwise(pl.col("detail")),
+    ).drop("_held")
     entered = frame.filter(pl.col("reason").is_null())
     beta = beta_filter(entered["margin"].cast(pl.Float64).to_numpy(), config.beta)
     beta_rows = _beta_details(entered, beta, config.beta)
@@ -184,8 +196,9 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
 
     out = run_dir(catalog.workdir, run_id)
     shard_dir = out / "shards"
-    shards = write_shards(catalog, run_id, assigned, shard_dir, compression=config.compression)
-    resolved_dict = {"rules": [r.to_dict() for r in resolved], "beta": beta.stats()}
+    shards = write_shards(catalog, run_id, assigned, shard_dir, compression=config.compression,
+                          chat_template_logps=scoring.get("conversations") == CONVERSATION_TOKENS)
+    resolved_dict = {"rules": [r.to_dict() for r in resolved], "beta": beta.stats(), "heldout": heldout.to_dict()}
     curate_record = json_safe({"settings": config.to_dict(), "resolved": resolved_dict, "scoring": scoring})
     with catalog.transaction() as con:
         catalog.replace_slice(con, "decisions", decisions, run_id=run_id)

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 _TRUE = {"1", "true", "yes", "on"}
 DEFAULT_DUCKDB_MEMORY = "1GB"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_CATALOG_WAIT_S = 30.0
+DEFAULT_RUN_LOCK_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,12 @@ class Environment:
     """HF_ENDPOINT: the hub address probed before loading from it."""
     fail_after: str | None = None
     """WINNOW_FAIL_AFTER: a testing aid: the flow raises after the pipeline step of this name."""
+    catalog_wait_s: float = DEFAULT_CATALOG_WAIT_S
+    """WINNOW_CATALOG_WAIT: seconds a catalog reader or writer waits while another process holds the
+    catalog (a run writing), before it fails in one line (default 30; 0: do not wait)."""
+    run_lock_wait_s: float = DEFAULT_RUN_LOCK_WAIT_S
+    """WINNOW_RUN_LOCK_WAIT: seconds a run waits for another process working on the same run folder
+    (same run id) before it fails in one line (default 30; 0: do not wait)."""
 
     @property
     def progress_disabled(self) -> bool:
@@ -62,7 +70,18 @@ class Environment:
             hf_hub_offline=env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE,
             hf_endpoint=env.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT),
             fail_after=env.get("WINNOW_FAIL_AFTER"),
+            catalog_wait_s=_seconds(env.get("WINNOW_CATALOG_WAIT"), DEFAULT_CATALOG_WAIT_S),
+            run_lock_wait_s=_seconds(env.get("WINNOW_RUN_LOCK_WAIT"), DEFAULT_RUN_LOCK_WAIT_S),
         )
+
+
+def _seconds(raw: str | None, default: float) -> float:
+    """A finite, non-negative number of seconds; anything else (unset, text, nan, -1) means the default."""
+    try:
+        value = float((raw or "").strip())
+    except ValueError:
+        return default
+    return value if 0 <= value < float("inf") else default
 
 
 _current: Environment | None = None

@@ -17,12 +17,15 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
+from curation.config_fields import setting
 from curation.errors import WinnowError
 from curation.schema import DecisionReason
 
 ThresholdKind = Literal["value", "quantile", "robust"]
 Bound = Literal["min", "max"]
 TruncationRule = Literal["off", "uneven", "any"]
+LengthPolicy = Literal["truncate", "drop"]
+LENGTH_POLICIES: tuple[str, ...] = ("truncate", "drop")
 
 MAD_SCALE = 1.4826  # MAD * 1.4826 estimates the standard deviation of normal data
 
@@ -102,6 +105,9 @@ class RulesConfig:
     - `length_ratio`: longer/shorter completion tokens > 8: one side is degenerate.
     - `low_margin`: off; the margin scale depends on its source (ratings, log-probs, a reward
       model), so a fixed cut only makes sense when the user knows it, e.g. Threshold("value", 0).
+    - `length_policy`: what happens to pairs whose prompt + longer completion exceed max_length:
+      `truncate` (TRL's behaviour: the collator cuts them; the `truncation` rule still drops the
+      ones a cut would teach wrong) or `drop` (reason `over_max_length`). The report counts them.
     """
 
     too_long: RuleFilterConfig = field(default_factory=lambda: RuleFilterConfig("total_tokens", "max", None))
@@ -113,10 +119,15 @@ class RulesConfig:
         default_factory=lambda: RuleFilterConfig("length_ratio_max", "max", Threshold("value", 8.0))
     )
     low_margin: RuleFilterConfig = field(default_factory=lambda: RuleFilterConfig("margin", "min", None))
+    length_policy: LengthPolicy = setting("truncate", help="Pairs longer than max_length (prompt + longer "
+                                                           "completion): truncate (TRL's behaviour) or drop "
+                                                           "(decision reason over_max_length).")
 
     def __post_init__(self) -> None:
         if self.truncation not in ("off", "uneven", "any"):
             raise WinnowError(f"truncation rule must be off, uneven or any, got {self.truncation!r}")
+        if self.length_policy not in LENGTH_POLICIES:
+            raise WinnowError(f"length_policy must be truncate or drop, got {self.length_policy!r}")
 
 
 @dataclass
@@ -247,6 +258,30 @@ class TooLongRule(Rule):
 
 
 @dataclass(frozen=True)
+class LengthPolicyRule(Rule):
+    """`length_policy: drop`: pairs whose prompt + longer completion exceed max_length leave whole.
+
+    With `truncate` (TRL's behaviour) the rule is off and the collator cuts those pairs; the
+    report counts them either way (:func:`length_summary`).
+    """
+
+    policy: LengthPolicy
+    reason: DecisionReason = DecisionReason.OVER_MAX_LENGTH
+
+    def check(self, frame: pl.DataFrame, context: RuleContext) -> RuleCheck:
+        max_length = context.max_length
+        resolved = ResolvedRule(self.reason.value, "total_tokens", "max", {"kind": "flag", "value": self.policy},
+                                None if max_length is None else float(max_length), 0)
+        if self.policy != "drop" or max_length is None:
+            return RuleCheck(None, None, resolved)
+        fails = (pl.col("total_tokens") > max_length).fill_null(False)
+        detail = pl.format(f"prompt {{}} + longer completion {{}} = {{}} tokens > max_length {max_length} "
+                           "(length_policy drop)", pl.col("prompt_tokens"),
+                           pl.max_horizontal("chosen_tokens", "rejected_tokens"), pl.col("total_tokens"))
+        return RuleCheck(fails, detail, resolved)
+
+
+@dataclass(frozen=True)
 class TruncatedRule(Rule):
     """Pairs that truncation at max_length would teach wrong (see :class:`RulesConfig`)."""
 
@@ -298,6 +333,7 @@ def rules_from_config(config: RulesConfig) -> list[Rule]:
     """The rule steps in precedence order: a pair failing several gets the first one's reason."""
     return [
         TooLongRule(config.too_long),
+        LengthPolicyRule(config.length_policy),
         TruncatedRule(config.truncation),
         ThresholdRule(DecisionReason.LOW_EDIT_DISTANCE, config.low_edit_distance),
         ThresholdRule(DecisionReason.LENGTH_RATIO, config.length_ratio),
@@ -340,3 +376,29 @@ def apply_rules(frame: pl.DataFrame, config: RulesConfig | list[Rule], max_lengt
         info.failing = int(counts.get(info.reason, 0) or 0)
         info.dropped = int(dropped.get(info.reason, 0))
     return out, resolved
+
+
+def length_summary(frame: pl.DataFrame, max_length: int | None, policy: str = "truncate") -> dict[str, Any]:
+    """Token lengths of prompt + completion against max_length: what the report shows before training.
+
+    `frame` has prompt/chosen/rejected token counts (and `kept`, `reason` when decided). Sequences
+    are TRL's (prompt + completion, completions with their end-of-turn/eos tokens); `over` counts
+    pairs whose longer side exceeds max_length, `over_kept` those of them that training gets
+    (truncated by TRL under `truncate`; none under `drop`).
+    """
+    longer = pl.max_horizontal("chosen_tokens", "rejected_tokens")
+    totals = frame.select(total=pl.col("prompt_tokens") + longer).to_series().cast(pl.Float64).drop_nulls()
+    out: dict[str, Any] = {"max_length": max_length, "length_policy": policy, "pairs": frame.height}
+    if totals.len():
+        values = totals.to_numpy()
+        out.update({f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}, max=float(values.max()))
+    if max_length is None:
+        return {**out, "over": 0, "over_share": 0.0}
+    over = (pl.col("prompt_tokens") + longer > max_length).fill_null(False)
+    counts = frame.select(over=over.sum(), prompt_fills=(pl.col("prompt_tokens") >= max_length).fill_null(False).sum(),
+                          **({"over_kept": (over & pl.col("kept")).sum()} if "kept" in frame.columns else {}),
+                          **({"dropped_over": (pl.col("reason") == DecisionReason.OVER_MAX_LENGTH.value)
+                              .fill_null(False).sum()} if "reason" in frame.columns else {})).row(0, named=True)
+    out.update({k: int(v or 0) for k, v in counts.items()})
+    out["over_share"] = out["over"] / frame.height if frame.height else 0.0
+    return out

@@ -9,6 +9,7 @@ No timestamps: the same curation writes byte-identical manifests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +22,24 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "winnow-shards/2"
 # The reference log-prob columns a shard carries and training reuses (TRL's names).
 REF_LOGP_COLUMNS: tuple[str, ...] = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+class ShardIntegrityError(WinnowError):
+    """A shard's bytes differ from what its manifest recorded (truncated, edited or replaced)."""
+
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: Path | str) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path: what a checkpoint is checked against."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,22 @@ class ShardManifest:
         path = (root / stage.path).resolve()
         if not path.is_relative_to(root):
             raise WinnowError(f"manifest in {root} names a shard outside its folder: {stage.path!r}")
+        return path
+
+    def verified_path(self, stage: StageShard) -> Path:
+        """:meth:`shard_path`, after checking the file's size and sha256 against this manifest.
+
+        Why: a truncated or edited shard otherwise fails deep inside a parquet reader, or worse,
+        trains on other data than curation decided.
+        """
+        path = self.shard_path(stage)
+        if not path.is_file():
+            raise WinnowError(f"shard {path} is missing: re-run `winnow curate`")
+        size = path.stat().st_size
+        if size != stage.bytes or file_sha256(path) != stage.sha256:
+            raise ShardIntegrityError(
+                f"shard {path} does not match the size and sha256 its manifest recorded: it was truncated or "
+                "changed after curation; re-run `winnow curate` (or `winnow run --refresh`)")
         return path
 
     def selected(self, max_stages: int | None) -> list[StageShard]:

@@ -14,7 +14,8 @@ from typing import Any
 import polars as pl
 
 from curation.errors import WinnowError
-from curation.store import TABLES, Catalog, bounded_memory, fetch_polars
+from curation.schema import DecisionReason
+from curation.store import TABLES, Catalog, bounded_memory, fetch_polars, sql_literal
 
 PAIR_TEXT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "source", "source_row")
 
@@ -65,7 +66,9 @@ def unrated_pairs(catalog: Catalog, run_id: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
-EXPORT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected")
+EXPORT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "score_chosen", "score_rejected",
+                  "prompt_messages::VARCHAR AS prompt_messages", "chosen_messages::VARCHAR AS chosen_messages",
+                  "rejected_messages::VARCHAR AS rejected_messages", "tools::VARCHAR AS tools")
 
 
 def export_pairs_parquet(catalog: Catalog, run_id: str, path: Path, row_group_size: int = 20_000) -> Path:
@@ -83,9 +86,14 @@ def export_pairs_parquet(catalog: Catalog, run_id: str, path: Path, row_group_si
 
 
 def scored_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
-    """Every pair of the run with its scores (null when unscored, `_scored` says), sorted by pair_id."""
+    """Every pair of the run with its scores (null when unscored, `_scored` says), sorted by pair_id.
+
+    `prompt_key` identifies the prompt (its message list for conversations, else its text): the
+    held-out split groups pairs by it.
+    """
     return catalog.query(
         """SELECT p.pair_id, p.source, p.source_row, s.pair_id IS NOT NULL AS _scored,
+                  md5(coalesce(p.prompt_messages::VARCHAR, p.prompt)) AS prompt_key,
                   s.* EXCLUDE (run_id, pair_id)
            FROM pairs p LEFT JOIN scores s ON s.run_id = p.run_id AND s.pair_id = p.pair_id
            WHERE p.run_id = ? ORDER BY p.pair_id""", [run_id], read_only=False)
@@ -107,7 +115,7 @@ def kept_pair_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.Dat
         return fetch_polars(con, """
             SELECT o.stage, o.stage_position, p.pair_id, p.prompt, p.chosen, p.rejected,
                    p.prompt_messages::VARCHAR AS prompt_messages, p.chosen_messages::VARCHAR AS chosen_messages,
-                   p.rejected_messages::VARCHAR AS rejected_messages,
+                   p.rejected_messages::VARCHAR AS rejected_messages, p.tools::VARCHAR AS tools,
                    s.ref_chosen_logps, s.ref_rejected_logps
             FROM _order o
             JOIN pairs p ON p.run_id = ? AND p.pair_id = o.pair_id
@@ -115,12 +123,36 @@ def kept_pair_rows(catalog: Catalog, run_id: str, order: pl.DataFrame) -> pl.Dat
             ORDER BY o.stage, o.stage_position""", [run_id])
 
 
+def run_export_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """All pairs of a run with the columns the scorer exports (texts, ratings, message lists), by pair_id."""
+    return catalog.query(f"SELECT {', '.join(EXPORT_COLUMNS)} FROM pairs WHERE run_id = ? ORDER BY pair_id",
+                         [run_id], read_only=False)
+
+
+def run_is_conversational(catalog: Catalog, run_id: str) -> bool:
+    """Whether any pair of the run came as a conversation (then the whole run trains as conversations)."""
+    return bool(catalog.query("SELECT count(prompt_messages) > 0 AS c FROM pairs WHERE run_id = ?", [run_id],
+                              read_only=False)["c"][0])
+
+
+def heldout_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """The pairs curation held out for evaluation (decision reason `heldout`), sorted by pair_id.
+
+    Texts and message lists (JSON strings, null for plain text), as the scorer exports them.
+    """
+    return catalog.query(
+        f"""SELECT {', '.join('p.' + c for c in EXPORT_COLUMNS)}
+            FROM pairs p JOIN decisions d USING (run_id, pair_id)
+            WHERE p.run_id = ? AND d.reason = ? ORDER BY p.pair_id""", [run_id, DecisionReason.HELDOUT.value],
+        read_only=False)
+
+
 # -- decisions and the report -------------------------------------------------------------------
 
 
 def why_example(run_id: str) -> str:
     """The "why was this pair dropped" query as a user types it into `winnow query` (for reports)."""
-    return (f"SELECT kept, reason, detail, weight, stage FROM decisions WHERE run_id = '{run_id}' "
+    return (f"SELECT kept, reason, detail, weight, stage FROM decisions WHERE run_id = {sql_literal(run_id)} "
             "AND pair_id LIKE '<prefix>%';")
 
 
@@ -149,7 +181,7 @@ def report_tables(catalog: Catalog, run_id: str) -> dict[str, Any]:
         return {
             "curate": config.get("curate"),
             "pairs": q("""SELECT d.pair_id, d.kept, d.reason, d.weight, d.stage, s.margin, s.token_edit_distance,
-                                 s.token_edit_norm, s.length_gap, s.chosen_tokens, s.rejected_tokens
+                                 s.token_edit_norm, s.length_gap, s.prompt_tokens, s.chosen_tokens, s.rejected_tokens
                           FROM decisions d LEFT JOIN scores s USING (run_id, pair_id) WHERE d.run_id = ?"""),
             "stages": q("SELECT * FROM stages WHERE run_id = ? ORDER BY stage"),
             "shards": q("SELECT * FROM shards WHERE run_id = ? ORDER BY stage"),

@@ -15,17 +15,18 @@ import numpy as np
 import polars as pl
 
 from curation.errors import WinnowError
+from curation.paths import run_dir
 from curation.reads import report_tables, why_example
 from curation.schema import DecisionReason
 from curation.store import Catalog
 
 COLOURS = {"kept": "#2a9d8f", "dropped (rules)": "#8d99ae", "beta_outlier_low": "#e76f51", "beta_outlier_high": "#e9c46a"}
 STAGE_COLOURS = ("#264653", "#2a9d8f", "#8ab17d", "#e9c46a", "#f4a261", "#e76f51", "#9b5de5", "#577590")
-PLOTS = ("margin.png", "edit_distance.png", "length_gap.png")
+PLOTS = ("margin.png", "edit_distance.png", "length_gap.png", "token_lengths.png")
 
 
 def report_dir(workdir: Path | str, run_id: str) -> Path:
-    return Path(workdir) / run_id / "report"
+    return run_dir(workdir, run_id) / "report"
 
 
 def _load(catalog: Catalog, run_id: str) -> dict[str, Any]:
@@ -183,6 +184,69 @@ def _plot_lengths(data: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def length_facts(data: dict[str, Any]) -> dict[str, Any]:
+    """Token lengths against max_length (curation.filter.length_summary) for this run's pairs."""
+    from curation.filter import length_summary
+
+    curate = data["curate"]
+    policy = ((curate.get("settings") or {}).get("rules") or {}).get("length_policy", "truncate")
+    pairs = data["pairs"].filter(pl.col("reason") != DecisionReason.HELDOUT.value)
+    return length_summary(pairs, curate["scoring"].get("max_length"), policy)
+
+
+def plot_token_lengths(data: dict[str, Any], path: Path) -> None:
+    """Histogram of prompt + completion tokens (chosen and rejected sequences, as TRL builds them) with max_length.
+
+    A plot of its own (not folded into the length-gap figure), so an HTML report can reuse it.
+    """
+    import matplotlib.pyplot as plt
+
+    pairs = data["pairs"].filter(pl.col("reason") != DecisionReason.HELDOUT.value)
+    facts = length_facts(data)
+    max_length = facts["max_length"]
+    sides = {side: (pairs["prompt_tokens"] + pairs[f"{side}_tokens"]).cast(pl.Float64).drop_nulls().to_numpy()
+             for side in ("chosen", "rejected")}
+    values = np.concatenate(list(sides.values())) if sides else np.zeros(0)
+    top = max(float(values.max(initial=0.0)), float(max_length or 0)) + 1
+    bins = np.linspace(0, top, 51)
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for (side, v), colour in zip(sides.items(), ("#2a9d8f", "#e76f51"), strict=True):
+        if v.size:
+            ax.hist(v, bins=bins, alpha=0.55, color=colour, label=f"prompt + {side} ({v.size})")
+    if max_length is not None:
+        verb = "dropped" if facts["length_policy"] == "drop" else "truncated by TRL"
+        _vline(ax, float(max_length), f"max_length {max_length}: {facts['over']} pairs over ({verb})", "#c1121f")
+    ax.set_title("Tokens per training sequence (chat template applied for conversations) against max_length")
+    ax.set_xlabel("prompt + completion tokens")
+    ax.set_ylabel("sequences")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _lengths_markdown(data: dict[str, Any]) -> list[str]:
+    facts = length_facts(data)
+    max_length, policy = facts["max_length"], facts["length_policy"]
+    if max_length is None:
+        return ["## Lengths", "", "No max_length: nothing is truncated.", ""]
+    over, kept = facts["over"], facts.get("over_kept", 0)
+    if over == 0:
+        effect = "nothing is truncated"
+    elif policy == "drop":
+        effect = f"{facts.get('dropped_over', 0)} dropped (`over_max_length`)"
+    else:
+        effect = f"{kept} of them kept, which TRL truncates to {max_length} tokens"
+    rows = [["max_length", max_length], ["length_policy", policy],
+            ["pairs over max_length", f"{over} of {facts['pairs']} ({facts['over_share']:.1%})"],
+            ["prompt alone fills max_length (dropped: too_long)", facts.get("prompt_fills", 0)],
+            ["prompt + longer completion: median / p90 / p99 / max",
+             " / ".join(f"{facts[k]:.0f}" for k in ("p50", "p90", "p99", "max") if k in facts)]]
+    return ["## Lengths", "", f"Pairs over max_length: {over}; {effect}.", "", _table(["", "value"], rows), "",
+            "![token lengths](token_lengths.png)", ""]
+
+
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     def cell(v: Any) -> str:
         if v is None:
@@ -227,6 +291,11 @@ def _markdown(run_id: str, data: dict[str, Any]) -> str:
         out += [f"Beta-guided filter: mode `{beta['mode']}`, rho {settings['rho']}, centre `{settings['centre']}` "
                 f"({beta['centre']:.4g}), scale {beta['scale']:.4g}, seed {settings['seed']}; kept {beta['kept']}, "
                 f"dropped {beta['dropped']}.{cut}", ""]
+    heldout = curate["resolved"].get("heldout")
+    if heldout and heldout["heldout_pairs"]:
+        out += [f"Held out for evaluation: {heldout['heldout_pairs']} pairs ({heldout['heldout_prompts']} of "
+                f"{heldout['prompts']} prompts; decision reason `heldout`, never in a shard).", ""]
+    out += _lengths_markdown(data)
     if data["advice"].height:
         advice = data["advice"].row(0, named=True)
         evidence = json.loads(advice["evidence"])
@@ -265,6 +334,7 @@ def build_report(catalog: Catalog, run_id: str, out_dir: Path | None = None) -> 
     _plot_margin(data, out / "margin.png")
     _plot_edits(data, out / "edit_distance.png")
     _plot_lengths(data, out / "length_gap.png")
+    plot_token_lengths(data, out / "token_lengths.png")
     path = out / "report.md"
     path.write_text(_markdown(run_id, data), encoding="utf-8")
     return path

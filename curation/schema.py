@@ -21,13 +21,22 @@ class Reason(StrEnum):
     NO_SHARED_PROMPT = "no_shared_prompt"
     DUPLICATE = "duplicate"
     CONTRADICTION = "contradiction"
+    # multi-response and label-style sets (curation/ingest/multi_response.py, shapes.py)
+    TIE = "tie"  # the ratings or the label say neither response is better
+    BELOW_MIN_GAP = "below_min_gap"  # every rating gap is under ingest.min_rating_gap
+    TOO_FEW_RESPONSES = "too_few_responses"  # fewer than two responses carry a usable rating
+    # conversations (curation/ingest/messages.py)
+    UNKNOWN_ROLE = "unknown_role"  # a message role TRL's chat templates do not know
+    CONFLICTING_SYSTEM = "conflicting_system"  # a system column and a different system turn in the prompt
 
 
 class DecisionReason(StrEnum):
     """Why curation kept or dropped a scored pair (the `decisions.reason` column). Values are stable."""
 
     KEPT = "kept"
+    HELDOUT = "heldout"  # prompt held out of training for evaluation (curation/heldout.py)
     TOO_LONG = "too_long"
+    OVER_MAX_LENGTH = "over_max_length"  # length_policy drop: prompt + completion exceed max_length
     TRUNCATED = "truncated"
     LOW_EDIT_DISTANCE = "low_edit_distance"
     LENGTH_RATIO = "length_ratio"
@@ -39,14 +48,6 @@ class DecisionReason(StrEnum):
     @property
     def is_beta_outlier(self) -> bool:
         return self in (DecisionReason.BETA_OUTLIER_LOW, DecisionReason.BETA_OUTLIER_HIGH)
-
-
-class Format(StrEnum):
-    EXPLICIT = "explicit"
-    CONVERSATIONAL = "conversational"
-    IMPLICIT = "implicit"
-    SCORED = "scored"
-    AUTO = "auto"
 
 
 # One row per candidate pair, before cross-row checks (duplicates, contradictions).
@@ -62,6 +63,9 @@ CANDIDATE_SCHEMA: dict[str, pl.DataType] = {
     "source": pl.String(),
     "source_row": pl.Int64(),
     "format": pl.String(),
+    "tools": pl.String(),
+    "pairing": pl.String(),
+    "pair_index": pl.Int32(),
 }
 
 QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
@@ -73,3 +77,12 @@ QUARANTINE_SCHEMA: dict[str, pl.DataType] = {
 }
 
 RAW_PREVIEW_CHARS = 300
+
+
+def __getattr__(name: str):  # noqa: ANN202 - module attribute hook
+    """`Format` (auto, every shape name, scored) is built from the shape registry; kept importable from here."""
+    if name == "Format":
+        from curation.ingest.shapes import Format
+
+        return Format
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,11 +2,17 @@
 
 Every table carries `run_id`. Writers replace a run's rows inside one transaction, so a
 crash leaves the previous state and a re-run never duplicates rows.
+
+Read-only connections are the users' (``winnow query``): DuckDB runs them with external access
+off and its configuration locked (:data:`USER_SQL_CONFIG`), so SQL reads this catalog and
+nothing else. DuckDB lets one process write a file at a time, and a reader cannot open it
+while a writer holds it: both wait, bounded (``WINNOW_CATALOG_WAIT``), then fail in one line.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +26,7 @@ import pyarrow as pa
 
 from curation.env import environment
 from curation.errors import WinnowError
+from curation.paths import check_run_id
 
 DEFAULT_WORKDIR = Path("runs")
 CATALOG_NAME = "catalog.duckdb"
@@ -49,11 +56,14 @@ TABLES: dict[str, str] = {
         prompt_messages JSON,
         chosen_messages JSON,
         rejected_messages JSON,
+        tools JSON,
         score_chosen DOUBLE,
         score_rejected DOUBLE,
         source VARCHAR,
         source_row BIGINT,
+        pair_index INTEGER,
         format VARCHAR,
+        pairing VARCHAR,
         PRIMARY KEY (run_id, pair_id)
     """,
     "quarantine": """
@@ -163,6 +173,38 @@ def _table_columns(ddl: str) -> list[str]:
     return names
 
 
+def _column_types(ddl: str) -> list[tuple[str, str]]:
+    """(name, type) of each column of a TABLES entry, for adding it to an older table."""
+    out = []
+    for part in ddl.replace("\n", " ").split(","):
+        words = part.strip().split()
+        if len(words) >= 2 and words[0].upper() not in ("PRIMARY", "KEY", "UNIQUE") and not words[0].endswith(")"):
+            out.append((words[0], " ".join(words[1:])))
+    return out
+
+
+# A user's SQL reads the catalog and nothing else: no files, no network, no extensions, and no
+# SET/PRAGMA/RESET can turn any of it back on (the configuration is locked once opened).
+USER_SQL_CONFIG: dict[str, Any] = {
+    "enable_external_access": False,
+    "allow_community_extensions": False,
+    "allow_unsigned_extensions": False,
+    "autoload_known_extensions": False,
+    "autoinstall_known_extensions": False,
+    "lock_configuration": True,
+}
+
+
+class CatalogBusyError(WinnowError):
+    """Another process held the catalog for longer than WINNOW_CATALOG_WAIT (a transient condition)."""
+
+
+def sql_literal(value: str) -> str:
+    """The one quoting helper: a string as a SQL literal, for the rare text that cannot be a bound
+    parameter (a query shown to the user to copy). Executed SQL binds its values instead."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def catalog_path(workdir: Path | str) -> Path:
     return Path(workdir) / CATALOG_NAME
 
@@ -186,14 +228,19 @@ class Catalog:
     # -- connections ---------------------------------------------------------------
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; read-only ones are sandboxed (:data:`USER_SQL_CONFIG`)."""
         if read_only:
-            if not self.path.exists():
+            if not self.path.is_file():
                 raise WinnowError(f"no catalog at {self.path}: run `winnow ingest` first (or pass --workdir)")
-            con = duckdb.connect(str(self.path), read_only=True)
+            con = open_catalog(self.path, read_only=True)
         else:
             self.workdir.mkdir(parents=True, exist_ok=True)
-            con = _connect_with_retry(self.path)
-            self._ensure_schema(con)
+            con = open_catalog(self.path)
+            try:
+                self._ensure_schema(con)
+            except BaseException:
+                con.close()
+                raise
         try:
             yield con
         finally:
@@ -201,19 +248,33 @@ class Catalog:
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """All writes inside commit together or not at all."""
+        """All writes inside commit together or not at all.
+
+        On an error the rollback is attempted and the original error is what propagates: a
+        failed rollback (the connection already broken) never replaces it.
+        """
         with self.connect() as con:
             con.execute("BEGIN TRANSACTION")
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                try:
+                    con.execute("ROLLBACK")
+                except duckdb.Error:
+                    pass  # closing the connection discards the transaction anyway
                 raise
             con.execute("COMMIT")
 
     def _ensure_schema(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Create missing tables, and add the columns a newer Winnow declares to a workspace's older tables."""
         for name, columns in self._tables.items():
             con.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns})")
+        present = {(t, c) for t, c in con.execute(
+            "SELECT table_name, column_name FROM duckdb_columns() WHERE schema_name = 'main' AND NOT internal").fetchall()}
+        for name, columns in self._tables.items():
+            for column, kind in _column_types(columns):
+                if (name, column) not in present:
+                    con.execute(f"ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {column} {kind}")
 
     # -- writes --------------------------------------------------------------------
     def replace_slice(self, con: duckdb.DuckDBPyConnection, table: str, frame: pl.DataFrame | pa.Table,
@@ -292,7 +353,11 @@ class Catalog:
         return [r[0] for r in con.execute(f'SELECT DISTINCT "{column}" FROM read_parquet(?) ORDER BY 1', [files]).fetchall()]
 
     def upsert_run(self, run_id: str, con: duckdb.DuckDBPyConnection | None = None, **fields: Any) -> None:
-        """Create or update the `runs` row; dict fields are merged into the stored JSON."""
+        """Create or update the `runs` row; dict fields are merged into the stored JSON.
+
+        Every run enters the catalog here, so the run id is checked here (curation.paths).
+        """
+        check_run_id(run_id)
         if con is None:
             with self.transaction() as c:
                 return self.upsert_run(run_id, c, **fields)
@@ -309,6 +374,10 @@ class Catalog:
                 "sources": json.loads(row[2]) if row[2] else None,
                 "accounting": json.loads(row[3] or "{}"),
             }
+        columns = _table_columns(self._tables["runs"])
+        unknown = sorted(set(fields) - set(columns))
+        if unknown:  # column names go into the SQL text: only the declared ones
+            raise ValueError(f"runs has no column(s) {unknown}")
         sets, values = ["updated_at = ?"], [now]
         for key, value in fields.items():
             if key in ("config", "timings", "accounting") and isinstance(value, dict):
@@ -321,7 +390,7 @@ class Catalog:
 
     # -- reads ---------------------------------------------------------------------
     def query(self, sql: str, params: list[Any] | None = None, read_only: bool = True) -> pl.DataFrame:
-        """SQL to a polars frame. Users' queries go read-only: the connection refuses writes.
+        """SQL to a polars frame. Users' queries go read-only and sandboxed: the catalog, nothing else.
 
         Library code passes read_only=False: DuckDB refuses a read-only connection while the
         same process holds a read-write one (Prefect tasks in threads do).
@@ -330,7 +399,7 @@ class Catalog:
             try:
                 return fetch_polars(con, sql, params)
             except duckdb.Error as exc:
-                raise WinnowError(f"query failed: {str(exc).splitlines()[0]}") from None
+                raise WinnowError(_query_error(exc, read_only)) from None
 
     def run_exists(self, run_id: str) -> bool:
         if not self.path.exists():
@@ -350,18 +419,33 @@ def bounded_memory(con: duckdb.DuckDBPyConnection, threads: int | None = None) -
     `threads` caps DuckDB's threads as well: a sort of long texts needs a buffer per thread,
     and two threads ran out of a 1GB limit where one sorted 1M pairs fine. Both settings
     belong to the database instance, which other connections of this process may share,
-    hence the restore.
+    hence the restore. The values are bound parameters. When the block fails, its error is
+    the one that propagates: inside an aborted transaction the restore cannot run, and its
+    "transaction is aborted" must not hide the cause.
     """
     limit = environment().duckdb_memory
     previous = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchall()[0]
-    con.execute(f"SET memory_limit = '{limit}'")
+    try:
+        con.execute("SET memory_limit = ?", [limit])
+    except duckdb.Error as exc:
+        raise WinnowError(f"WINNOW_DUCKDB_MEMORY={limit!r} is not a memory size DuckDB accepts "
+                          f"(e.g. 1GB, 512MB): {str(exc).splitlines()[0]}") from None
     if threads:
-        con.execute(f"SET threads = {int(threads)}")
+        con.execute("SET threads = ?", [int(threads)])
     try:
         yield
-    finally:
-        con.execute(f"SET memory_limit = '{previous[0]}'")
-        con.execute(f"SET threads = {int(previous[1])}")
+    except BaseException:
+        try:
+            _restore_settings(con, previous)
+        except duckdb.Error:
+            pass  # the transaction is aborted; the caller's rollback and close end it
+        raise
+    _restore_settings(con, previous)
+
+
+def _restore_settings(con: duckdb.DuckDBPyConnection, previous: tuple[Any, Any]) -> None:
+    con.execute("SET memory_limit = ?", [str(previous[0])])
+    con.execute("SET threads = ?", [int(previous[1])])
 
 
 def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pa.Table:
@@ -374,13 +458,43 @@ def fetch_polars(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | N
     return pl.from_arrow(fetch_arrow(con, sql, params))  # type: ignore[return-value]
 
 
-def _connect_with_retry(path: Path, attempts: int = 50) -> duckdb.DuckDBPyConnection:
-    """Another process may hold the write lock for a moment; wait instead of failing."""
-    for i in range(attempts):
+def open_catalog(path: Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the catalog, waiting (WINNOW_CATALOG_WAIT) while another process holds its lock.
+
+    DuckDB allows one writing process per file, and no reader while it writes; a run holds
+    the file for the length of a step. Read-only connections get :data:`USER_SQL_CONFIG`.
+    """
+    wait = environment().catalog_wait_s
+    deadline = time.monotonic() + wait
+    delay = 0.05
+    config = dict(USER_SQL_CONFIG) if read_only else {}
+    while True:
         try:
-            return duckdb.connect(str(path))
+            return duckdb.connect(str(path), read_only=read_only, config=config)
         except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower() or i == attempts - 1:
-                raise WinnowError(f"cannot open catalog {path}: {str(exc).splitlines()[0]}") from None
-            time.sleep(0.1 * (1 + i % 5))
-    raise AssertionError("unreachable")
+            first = str(exc).splitlines()[0]
+            if "lock" not in first.lower():
+                raise WinnowError(f"cannot open catalog {path}: {first}") from None
+            if time.monotonic() >= deadline:
+                pid = re.search(r"\(PID (\d+)\)", first)
+                holder = f" (PID {pid.group(1)})" if pid else ""
+                raise CatalogBusyError(
+                    f"catalog {path} is held by another process{holder}, a run writing it; waited {wait:g} s "
+                    "(WINNOW_CATALOG_WAIT): try again when it finishes") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        except duckdb.Error as exc:
+            raise WinnowError(f"cannot open catalog {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _query_error(exc: duckdb.Error, sandboxed: bool) -> str:
+    """One line for a failed query; for a user's (sandboxed) query, say what was refused and why."""
+    first = str(exc).splitlines()[0]
+    if sandboxed:
+        if isinstance(exc, duckdb.PermissionException):
+            return f"refused: `winnow query` reads the catalog only, no other file, network or extension ({first})"
+        if "configuration has been locked" in first:
+            return f"refused: `winnow query` cannot change DuckDB settings ({first})"
+        if "read-only mode" in first or "read-only" in first.lower():
+            return f"refused: `winnow query` is read-only ({first})"
+    return f"query failed: {first}"

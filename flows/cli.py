@@ -17,7 +17,8 @@ from rich.table import Table
 from curation.config_fields import default_of, help_of
 from curation.errors import WinnowError
 from curation.ingest import IngestOptions
-from curation.schema import Format
+from curation.ingest.multi_response import Pairing, PreferenceLabel, Rating
+from curation.ingest.shapes import Format
 from curation.score.scoring import ScoreOptions
 from training.config import TrainConfig
 from training.tiny_config import DEFAULT_MODEL
@@ -34,6 +35,8 @@ err_console = Console(stderr=True)
 
 MODEL_HELP = "Reference/start model: winnow-tiny (built locally from the run's pairs), a local path or a hub id."
 Workdir = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace holding catalog.duckdb and run folders.")]
+Columns = Annotated[str | None, typer.Option("--columns", metavar="TARGET=COLUMN,...",
+                                             help=help_of(IngestOptions, "columns"))]
 DEFAULT_WORKDIR = Path("runs")
 
 
@@ -61,12 +64,26 @@ def ingest(
         IngestOptions, "max_bad_fraction"),
     max_bytes: Annotated[int, typer.Option(help=help_of(IngestOptions, "max_bytes"))] = default_of(
         IngestOptions, "max_bytes"),
+    columns: Columns = None,
+    pairing: Annotated[Pairing, typer.Option(help=help_of(IngestOptions, "pairing"))] = default_of(
+        IngestOptions, "pairing"),
+    rating: Annotated[Rating, typer.Option(help=help_of(IngestOptions, "rating"))] = default_of(IngestOptions, "rating"),
+    min_rating_gap: Annotated[float, typer.Option(help=help_of(IngestOptions, "min_rating_gap"))] = default_of(
+        IngestOptions, "min_rating_gap"),
+    preference_label: Annotated[PreferenceLabel, typer.Option(help=help_of(IngestOptions, "preference_label"))] = (
+        default_of(IngestOptions, "preference_label")),
 ) -> None:
-    """Read preference pairs into the catalog and print the accounting table."""
+    """Read preference pairs into the catalog and print the accounting table (shapes: docs/datasets.md)."""
     from curation.ingest import ingest as run_ingest
+    from curation.ingest.mapping import parse_columns
+    from curation.paths import check_run_id
     from curation.store import Catalog
 
-    options = IngestOptions(format=format, max_bad_fraction=max_bad_fraction, max_bytes=max_bytes)
+    if run_id is not None:
+        check_run_id(run_id)
+    options = IngestOptions(format=format, max_bad_fraction=max_bad_fraction, max_bytes=max_bytes,
+                            columns=parse_columns(columns), pairing=pairing, rating=rating,
+                            min_rating_gap=min_rating_gap, preference_label=preference_label)
     result = run_ingest(sources, Catalog(workdir), options, run_id=run_id)
     print_accounting(result)
 
@@ -74,11 +91,20 @@ def ingest(
 def print_accounting(result) -> None:  # noqa: ANN001 - IngestResult
     import polars as pl
 
-    print_frame(result.accounting, title=f"run {result.run_id}: rows read = pairs + quarantined")
+    accounting = result.accounting
+    multi = result.pairs != result.rows_paired  # some row made several pairs
+    title = (f"run {result.run_id}: rows read = rows paired + rows quarantined; candidates = pairs + quarantined "
+             "pairs" if multi else f"run {result.run_id}: rows read = pairs + quarantined")
+    shown = accounting if multi else accounting.select("source", "shape", "rows_read", "pairs", "quarantined")
+    print_frame(shown, title=title)
     if result.reasons.height:
         print_frame(result.reasons.sort("rows", descending=True), title="quarantined, by reason")
-    total = result.accounting.select(pl.col("rows_read", "pairs", "quarantined").sum()).row(0)
-    console.print(f"[bold]{total[0]}[/] rows read = [green]{total[1]}[/] pairs + [yellow]{total[2]}[/] quarantined")
+    total = accounting.select(pl.col("rows_read", "pairs", "quarantined", "rows_paired", "rows_quarantined").sum()).row(0)
+    if multi:
+        console.print(f"[bold]{total[0]}[/] rows read = [green]{total[3]}[/] rows that made [green]{total[1]}[/] pairs "
+                      f"+ [yellow]{total[4]}[/] quarantined rows ({total[2]} quarantine rows in all)")
+    else:
+        console.print(f"[bold]{total[0]}[/] rows read = [green]{total[1]}[/] pairs + [yellow]{total[2]}[/] quarantined")
 
 
 @app.command()
@@ -87,7 +113,11 @@ def query(
     workdir: Workdir = DEFAULT_WORKDIR,
     csv: Annotated[bool, typer.Option("--csv", help="Print CSV instead of a table.")] = False,
 ) -> None:
-    """Run read-only SQL against the catalog and print the result."""
+    """Run read-only SQL against the catalog and print the result.
+
+    DuckDB runs it with external access off and its configuration locked: it reads the catalog
+    and nothing else (no files, no network, no extensions); a refused statement gets one line.
+    """
     from curation.store import Catalog
 
     print_frame(Catalog(workdir).query(sql), csv=csv)
@@ -100,6 +130,20 @@ def _latest_run(workdir: Path) -> str:
     run_id = latest_run_id(Catalog(workdir))
     if run_id is None:
         raise WinnowError(f"no runs in {workdir}: run `winnow ingest` or `winnow curate` first")
+    return run_id
+
+
+def _existing_run(workdir: Path, run_id: str | None) -> str:
+    """The named run (its id checked, and present in the catalog), or the latest one."""
+    from curation.paths import check_run_id
+    from curation.store import Catalog
+
+    if run_id is None:
+        return _latest_run(workdir)
+    check_run_id(run_id)
+    if not Catalog(workdir).run_exists(run_id):
+        raise WinnowError(f"no run {run_id!r} in {workdir}: pass a run id from its `runs` table, or none for the "
+                          "latest run")
     return run_id
 
 
@@ -116,14 +160,22 @@ def score(
     reference: Annotated[bool, typer.Option(help="Compute reference log-probs (reused by training).")] = True,
 ) -> None:
     """Score a run's pairs: edit distances, lengths, reward margin, reference log-probs."""
+    from curation.locks import run_lock
+    from curation.paths import run_dir
+    from curation.store import Catalog
+
+    run_id = _existing_run(workdir, run_id)
+    with run_lock(run_dir(workdir, run_id)):  # a run of the same id may be scoring it right now
+        _score(Catalog(workdir), run_id, workdir, model, margin, reward_model, policy, max_length, reference)
+
+
+def _score(catalog, run_id: str, workdir: Path, model: str, margin: str, reward_model: str | None,  # noqa: ANN001
+           policy: str | None, max_length: int, reference: bool) -> None:
     from curation.lm.loading import load_model, load_tokenizer
     from curation.reads import run_pair_texts, score_summary
     from curation.score.scoring import ScoringModels, score_run
-    from curation.store import Catalog
     from training.models import resolve_model
 
-    catalog = Catalog(workdir)
-    run_id = run_id or _latest_run(workdir)
     pairs = run_pair_texts(catalog, run_id)
     model_path = str(resolve_model(model, pairs["prompt"].to_list(), pairs["chosen"].to_list(), workdir))
     use_reference = reference or margin == "reference"
@@ -168,14 +220,22 @@ def curate(
     sets: Sets = None,
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    columns: Columns = None,
     task_runner: Runner = None,
     refresh: Refresh = False,
 ) -> None:
     """Ingest, score, filter, stage and shard in one go (the `curate` flow)."""
     overrides = _overrides(sets, sources=list(sources), workdir=str(workdir) if workdir else None, model=model,
-                           refresh=refresh or None)
+                           refresh=refresh or None, **_columns_override(columns))
     summary = _run("curate", recipe, overrides, task_runner)
     print_curation(summary)
+
+
+def _columns_override(columns: str | None) -> dict:
+    """--columns as the `ingest.columns` setting (a mapping), parsed and checked here."""
+    from curation.ingest.mapping import parse_columns
+
+    return {"ingest.columns": parse_columns(columns)} if columns else {}
 
 
 def print_curation(summary: dict) -> None:
@@ -202,7 +262,7 @@ def report(
     from curation.report import build_report
     from curation.store import Catalog
 
-    path = build_report(Catalog(workdir), run_id or _latest_run(workdir))
+    path = build_report(Catalog(workdir), _existing_run(workdir, run_id))
     console.print(f"report: {path}")
 
 
@@ -246,6 +306,7 @@ def run(
     workdir: Annotated[Path | None, typer.Option("--workdir", "-w", help="Workspace folder.")] = None,
     objective: Annotated[str | None, typer.Option(help=help_of(TrainConfig, "objective"))] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
+    columns: Columns = None,
     task_runner: Runner = None,
     refresh: Refresh = False,
     shards: Annotated[Path | None, typer.Option("--shards", help="For the train flow: a curated run folder.")] = None,
@@ -254,7 +315,7 @@ def run(
     --source it runs the demo with the demo recipe (flows/recipes/demo.yaml)."""
     overrides = _overrides(sets, sources=list(sources) if sources else None,
                            workdir=str(workdir) if workdir else None, model=model, refresh=refresh or None,
-                           **{"train.objective": objective})
+                           **{"train.objective": objective}, **_columns_override(columns))
     params = {"shards": str(shards)} if flow_name == "train" else {}
     if flow_name == "train" and shards is None:
         raise WinnowError("the train flow needs --shards RUN_DIR")
@@ -316,7 +377,12 @@ def gym(
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2.
+
+    A full disk, a read-only or a forbidden folder is the user's to fix as well: one line
+    (curation.paths.fault_message), not a traceback.
+    """
+    from curation.paths import fault_message
     from flows.prefect_env import configure_prefect
 
     configure_prefect()  # before any command imports Prefect
@@ -327,6 +393,11 @@ def main() -> None:
         message, code = str(exc), 2
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:
+        message = fault_message(exc)
+        if message is None:
+            raise
+        code = 2
     # Exit outside the except block: the failed frames (and the DuckDB handles they hold)
     # are released before interpreter shutdown.
     if message is not None:

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from curation.decide import CurateConfig
 from curation.errors import WinnowError
 from curation.ingest import IngestOptions
+from curation.paths import InvalidRunIdError, check_run_id
 from curation.score.scoring import ScoreOptions
 from training.config import TrainConfig
 from training.tiny_config import TinyModelConfig
@@ -28,12 +29,16 @@ class EvalConfig(BaseModel):
     """Held-out evaluation after training (see training/evaluate/ and training/eval_tasks/)."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-    prompts: int = 200
-    heldout_pairs: int = 300
-    max_new_tokens: int = 24
-    seed: int = 1234
-    task: str = "pairs"  # evaluation task by name (training/eval_tasks): pairs (user data) or sorting (the demo)
+    enabled: bool = Field(True, description="Evaluate the final policy against its reference after training.")
+    prompts: int = Field(200, description="At most this many prompts sampled from each model.")
+    heldout_pairs: int = Field(300, description="At most this many pairs scored (implicit reward, drift).")
+    max_new_tokens: int = Field(24, description="Tokens per sampled response.")
+    seed: int = Field(1234, description="Seed of the samples and of the prompt/pair draw.")
+    task: str = Field("pairs", description="Evaluation task by name (training/eval_tasks): pairs (user data: the "
+                                           "prompts curation held out) or sorting (the demo).")
+    reward_model: str | None = Field(None, description="An AutoModelForSequenceClassification folder (or hub id) "
+                                                       "that judges policy and reference samples: mean reward "
+                                                       "of each and the policy's win rate.")
 
 
 class PipelineConfig(BaseModel):
@@ -54,6 +59,17 @@ class PipelineConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     task_runner: TaskRunnerName = "threads"
     refresh: bool = False
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_folder_name(cls, value: str | None) -> str | None:
+        """A run id names a folder under the workdir: the one pattern of curation.paths."""
+        if value is None:
+            return value
+        try:
+            return check_run_id(value)
+        except InvalidRunIdError as exc:
+            raise ValueError(str(exc)) from None
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -3,13 +3,17 @@
 Each flow takes a recipe path and dotted overrides (JSON-friendly, so deployments and the
 UI can pass them) and builds one `PipelineConfig`. Scoring fans out into shard tasks on the
 chosen task runner; everything else runs in order, each step cached by its inputs.
+
+A flow holds its run folder's lock (curation.locks) from start to end, so a second run of the
+same run id waits or fails in one line instead of deleting the first one's files; a full
+disk or a read-only workdir fails in one line too.
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import AbstractContextManager, nullcontext
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -18,8 +22,11 @@ from prefect.states import State
 
 from curation.env import environment
 from curation.errors import WinnowError
-from curation.manifest import ShardManifest, find_shard_folder
+from curation.locks import run_lock
+from curation.manifest import ShardIntegrityError, ShardManifest, find_shard_folder
+from curation.paths import check_run_id, faults_in_one_line, run_dir
 from flows import tasks
+from flows.caching import data_only_cache
 from flows.config import PipelineConfig
 from flows.prefect_env import configure_prefect
 from training.tiny_config import DEFAULT_MODEL
@@ -100,12 +107,13 @@ class _Steps:
 
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
-        self.storage = Path(config.workdir).resolve() / ".prefect-results"
         self.cached: list[str] = []
         self.fail_after = environment().fail_after
 
-    def _prepare(self, task_fn):  # noqa: ANN001, ANN202
-        return task_fn.with_options(result_storage=self.storage, refresh_cache=self.config.refresh or None)
+    def _prepare(self, task_fn, refresh: bool = False):  # noqa: ANN001, ANN202
+        """The task with this workspace's data-only result cache (flows.caching), refreshed on request."""
+        return task_fn.with_options(**data_only_cache(task_fn, self.config.workdir),
+                                    refresh_cache=(self.config.refresh or refresh) or None)
 
     def _record(self, name: str, state: State) -> Any:
         if state.name == "Cached":
@@ -115,8 +123,8 @@ class _Steps:
             raise InjectedFailure(f"injected failure after {name} ({FAIL_AFTER_ENV})")
         return result
 
-    def run(self, name: str, task_fn, **kwargs: Any) -> Any:  # noqa: ANN001
-        return self._record(name, self._prepare(task_fn)(**kwargs, return_state=True))
+    def run(self, name: str, task_fn, refresh: bool = False, **kwargs: Any) -> Any:  # noqa: ANN001
+        return self._record(name, self._prepare(task_fn, refresh)(**kwargs, return_state=True))
 
     def fan_out(self, name: str, task_fn, calls: list[dict[str, Any]]) -> list[Any]:  # noqa: ANN001
         prepared = self._prepare(task_fn)
@@ -133,10 +141,26 @@ class _Steps:
         return results
 
 
-def _curate(steps: _Steps) -> dict[str, Any]:
+@contextmanager
+def _locked_run(config: PipelineConfig, run_id: str | None = None) -> Iterator[_Steps]:
+    """The run's steps, with its run folder locked and file-system faults in one line.
+
+    The run id is fixed before anything runs (curation.paths checks it), so the lock covers
+    ingest too.
+    """
+    with faults_in_one_line():
+        run_id = check_run_id(run_id) if run_id is not None else tasks.planned_run_id(config)
+        with run_lock(run_dir(config.workdir, run_id)):
+            yield _Steps(config.model_copy(update={"run_id": run_id}))
+
+
+def _curate(steps: _Steps, refresh: bool = False) -> dict[str, Any]:
     config = steps.config
     ingested = steps.run("ingest", tasks.ingest_task, config=config)
-    run_id = ingested["run_id"]
+    run_id = config.run_id
+    if ingested["run_id"] != run_id:
+        raise WinnowError(f"the cached ingest result names run {ingested['run_id']!r}, not {run_id!r}: "
+                          "rerun with --refresh")
     model_path = steps.run("build-model", tasks.model_task, config=config, run_id=run_id)
     exported = steps.run("export-pairs", tasks.export_task, config=config, run_id=run_id)
     n = max(1, config.score_shards)
@@ -147,7 +171,7 @@ def _curate(steps: _Steps) -> dict[str, Any]:
     parts = sorted(p for part in shard_parts for p in part)
     scored = steps.run("score", tasks.load_scores_task, config=config, run_id=run_id, parts=parts,
                        margin_source=exported["margin_source"], model_path=model_path)
-    curated = steps.run("curate", tasks.curate_task, config=config, run_id=run_id, parts=parts)
+    curated = steps.run("curate", tasks.curate_task, refresh=refresh, config=config, run_id=run_id, parts=parts)
     return {"run_id": run_id, "ingest": ingested, "model_path": model_path, "scored_pairs": scored, **curated}
 
 
@@ -164,8 +188,7 @@ def _train(steps: _Steps, run_id: str, shard_dir: str, model_path: str) -> dict[
 
 
 def _finish(steps: _Steps, summary: dict[str, Any]) -> dict[str, Any]:
-    tasks.publish_task.with_options(result_storage=steps.storage)(config=steps.config, run_id=summary["run_id"],
-                                                                   summary=summary)
+    steps._prepare(tasks.publish_task)(config=steps.config, run_id=summary["run_id"], summary=summary)
     summary["cached_tasks"] = steps.cached
     return summary
 
@@ -174,10 +197,11 @@ def _finish(steps: _Steps, summary: dict[str, Any]) -> dict[str, Any]:
 def curate_flow(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Ingest, score, filter, stage and shard; publishes the decision table and report."""
     quiet_user_errors()
-    steps = _Steps(PipelineConfig.load(recipe, overrides))
-    summary = _curate(steps)
-    get_run_logger().info("curated run %s: kept %s of %s pairs", summary["run_id"], summary["kept"], summary["pairs"])
-    return _finish(steps, summary)
+    with _locked_run(PipelineConfig.load(recipe, overrides)) as steps:
+        summary = _curate(steps)
+        get_run_logger().info("curated run %s: kept %s of %s pairs", summary["run_id"], summary["kept"],
+                              summary["pairs"])
+        return _finish(steps, summary)
 
 
 @flow(name="train")
@@ -185,27 +209,32 @@ def train_flow(shards: str, recipe: str | None = None, overrides: dict[str, Any]
     """Train every stage of a curated shard folder (a run folder or its shards/ folder)."""
     quiet_user_errors()
     config = PipelineConfig.load(recipe, overrides)
-    steps = _Steps(config)
     shard_dir = find_shard_folder(shards)
     manifest = ShardManifest.load(shard_dir)
-    run_id = manifest.run_id
-    model_path = config.model if config.model != DEFAULT_MODEL else (manifest.reference.model or config.model)
-    summary = {"run_id": run_id, "shard_dir": str(shard_dir), "model_path": model_path}
-    summary.update(_train(steps, run_id, str(shard_dir), model_path))
-    return _finish(steps, summary)
+    with _locked_run(config, manifest.run_id) as steps:
+        run_id = steps.config.run_id
+        model_path = config.model if config.model != DEFAULT_MODEL else (manifest.reference.model or config.model)
+        summary = {"run_id": run_id, "shard_dir": str(shard_dir), "model_path": model_path}
+        summary.update(_train(steps, run_id, str(shard_dir), model_path))
+        return _finish(steps, summary)
 
 
 @flow(name="curate-and-train")
 def curate_and_train_flow(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The whole pipeline on the configured sources (the bundled demo by default)."""
     quiet_user_errors()
-    steps = _Steps(PipelineConfig.load(recipe, overrides))
-    summary = _curate(steps)
-    summary.update(_train(steps, summary["run_id"], summary["shard_dir"], summary["model_path"]))
     logger = get_run_logger()
-    logger.info("run %s: kept %s/%s pairs, %s stages, eval %s", summary["run_id"], summary["kept"],
-                summary["pairs"], len(summary["stages"]), summary.get("eval"))
-    return _finish(steps, summary)
+    with _locked_run(PipelineConfig.load(recipe, overrides)) as steps:
+        summary = _curate(steps)
+        try:
+            summary.update(_train(steps, summary["run_id"], summary["shard_dir"], summary["model_path"]))
+        except ShardIntegrityError as exc:  # a shard changed on disk after curation: write the shards again
+            logger.warning("%s; curating again", exc)
+            summary = _curate(steps, refresh=True)
+            summary.update(_train(steps, summary["run_id"], summary["shard_dir"], summary["model_path"]))
+        logger.info("run %s: kept %s/%s pairs, %s stages, eval %s", summary["run_id"], summary["kept"],
+                    summary["pairs"], len(summary["stages"]), summary.get("eval"))
+        return _finish(steps, summary)
 
 
 FLOWS = {"curate": curate_flow, "train": train_flow, "curate-and-train": curate_and_train_flow}
@@ -213,7 +242,10 @@ FLOWS = {"curate": curate_flow, "train": train_flow, "curate-and-train": curate_
 
 def run_flow(name: str, recipe: str | None, overrides: dict[str, Any], task_runner: str | None = None,
              **params: Any) -> dict[str, Any]:
-    """Run a flow directly (no server needed: Prefect starts a temporary local API)."""
+    """Run a flow directly (no server needed: a temporary local API runs as this process's child,
+    and dies with it, however this process ends: flows.ephemeral_server)."""
+    from flows.ephemeral_server import start_owned_server
+
     configure_prefect()  # before Prefect starts that API
     if name not in FLOWS:
         raise WinnowError(f"unknown flow {name!r}; flows: {', '.join(FLOWS)}")
@@ -224,4 +256,5 @@ def run_flow(name: str, recipe: str | None, overrides: dict[str, Any], task_runn
         resolve_sources(config.sources)
     runner = make_task_runner(task_runner or config.task_runner, workers=max(2, min(config.score_shards, 8)))
     quiet_user_errors()
+    start_owned_server()
     return FLOWS[name].with_options(task_runner=runner)(recipe=recipe, overrides=overrides, **params)

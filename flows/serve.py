@@ -56,9 +56,13 @@ def build_deployments(recipe: str | None = None, cron: str | None = None) -> lis
 
 
 def serve_deployments(recipe: str | None = None, cron: str | None = None) -> None:
+    """Serve until stopped. Without PREFECT_API_URL Prefect would start a temporary API server:
+    it is started here as a child that dies with this process (flows.ephemeral_server)."""
+    from flows.ephemeral_server import start_owned_server
     from flows.prefect_env import configure_prefect
 
     configure_prefect()
+    start_owned_server()
     from prefect import serve
 
     serve(*build_deployments(recipe, cron))

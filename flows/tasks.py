@@ -1,8 +1,9 @@
 """Prefect tasks: each one is a thin call into curation/ or training/.
 
 Every task that does real work is cached by the content of its inputs (flows.caching) and
-persists its small result under the workspace, so a run that died resumes where it stopped
-and `--refresh` recomputes. Retries happen only on transient errors.
+persists its small result under the workspace as data-only JSON (never a pickle: a workspace
+may be shared), so a run that died resumes where it stopped and `--refresh` recomputes.
+Retries happen only on transient errors.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from curation.errors import WinnowError
-from flows.caching import content_key, retry_on_transient
+from curation.paths import check_run_id, contained, fault_message, run_dir
+from flows.caching import DataOnlySerializer, content_key, keyed_by, retry_on_transient
 from flows.config import PipelineConfig
 
 
@@ -26,7 +28,8 @@ def _user_errors_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Re-raise a WinnowError bare: no traceback into the libraries, no frames kept alive.
 
     Prefect keeps a failed task's exception in its state; the original traceback would pin
-    the library frames (and the DuckDB handles they held) until the process exits.
+    the library frames (and the DuckDB handles they held) until the process exits. A full
+    disk, a read-only or a forbidden folder is the user's to fix too: it becomes one line.
     """
 
     @functools.wraps(fn)
@@ -35,13 +38,19 @@ def _user_errors_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except WinnowError as exc:
             kind, message = type(exc), str(exc)
+        except Exception as exc:
+            message = fault_message(exc)
+            if message is None:
+                raise
+            kind = WinnowError
         raise kind(message)
 
     return wrapper
 
 
-_COMMON: dict[str, Any] = {"persist_result": True, "retries": 2, "retry_delay_seconds": 2,
-                           "retry_condition_fn": retry_on_transient}
+# Results are data-only JSON (flows.caching); the storage folder is set per run (pipeline._Steps).
+_COMMON: dict[str, Any] = {"persist_result": True, "result_serializer": DataOnlySerializer(), "retries": 2,
+                           "retry_delay_seconds": 2, "retry_condition_fn": retry_on_transient}
 
 
 def _catalog(config: PipelineConfig):  # noqa: ANN202
@@ -52,6 +61,16 @@ def _catalog(config: PipelineConfig):  # noqa: ANN202
 
 def _workdir(config: PipelineConfig) -> str:
     return str(Path(config.workdir).resolve())
+
+
+def planned_run_id(config: PipelineConfig) -> str:
+    """The run's id before anything runs: the configured one, or one derived from the inputs and
+    settings (as `winnow ingest` derives it), so the run folder can be locked before ingest."""
+    if config.run_id is not None:
+        return check_run_id(config.run_id)
+    from curation.ingest import make_run_id, resolve_sources
+
+    return check_run_id(make_run_id(resolve_sources(config.sources), {"ingest": config.ingest.to_dict()}))
 
 
 # -- ingest ---------------------------------------------------------------------------------
@@ -67,7 +86,7 @@ def _ingest_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
                                   [s.label for s in sources]], files)
 
 
-@task(name="ingest", cache_key_fn=_ingest_key, **_COMMON)
+@task(name="ingest", cache_policy=keyed_by(_ingest_key), **_COMMON)
 @_user_errors_in_one_line
 def ingest_task(config: PipelineConfig) -> dict[str, Any]:
     from curation.ingest import ingest
@@ -85,7 +104,7 @@ def _model_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     return content_key("model", [_workdir(config), parameters["run_id"], config.model, asdict(config.tiny)])
 
 
-@task(name="build-model", cache_key_fn=_model_key, **_COMMON)
+@task(name="build-model", cache_policy=keyed_by(_model_key), **_COMMON)
 @_user_errors_in_one_line
 def model_task(config: PipelineConfig, run_id: str) -> str:
     """The reference/start model: winnow-tiny is built (and cached) from this run's pairs."""
@@ -109,7 +128,7 @@ def _export_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     return content_key("export-pairs", [_workdir(config), parameters["run_id"], config.score.margin])
 
 
-@task(name="export-pairs", cache_key_fn=_export_key, **_COMMON)
+@task(name="export-pairs", cache_policy=keyed_by(_export_key), **_COMMON)
 @_user_errors_in_one_line
 def export_task(config: PipelineConfig, run_id: str) -> dict[str, str]:
     """One parquet file the scoring shards stream from, and the margin source they all use."""
@@ -141,13 +160,14 @@ def scoring_models(model_path: str, reference: bool = True):  # noqa: ANN201
     return ScoringModels(tokenizer, model_path, reference=model, reference_name=model_path if reference else None)
 
 
-@task(name="score-shard", cache_key_fn=_score_key, **_COMMON)
+@task(name="score-shard", cache_policy=keyed_by(_score_key), **_COMMON)
 @_user_errors_in_one_line
 def score_shard_task(config: PipelineConfig, pairs_path: str, margin_source: str, model_path: str,
                      shard: tuple[int, int]) -> list[str]:
     from curation.score.scoring import score_shard
 
-    out_dir = Path(pairs_path).parent / "scores"
+    # the path comes from a cached result in the workspace: it may name a file there, nothing outside
+    out_dir = contained(config.workdir, pairs_path).parent / "scores"
     parts = score_shard(Path(pairs_path), out_dir, scoring_models(model_path), config.score, margin_source,
                         shard=shard)
     return [str(p) for p in parts]
@@ -159,7 +179,7 @@ def _load_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     return content_key("load-scores", settings, parameters["parts"])
 
 
-@task(name="load-scores", cache_key_fn=_load_key, **_COMMON)
+@task(name="load-scores", cache_policy=keyed_by(_load_key), **_COMMON)
 @_user_errors_in_one_line
 def load_scores_task(config: PipelineConfig, run_id: str, parts: list[str], margin_source: str,
                      model_path: str) -> int:
@@ -178,7 +198,7 @@ def _curate_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
                        parameters["parts"])
 
 
-@task(name="curate", cache_key_fn=_curate_key, **_COMMON)
+@task(name="curate", cache_policy=keyed_by(_curate_key), **_COMMON)
 @_user_errors_in_one_line
 def curate_task(config: PipelineConfig, run_id: str, parts: list[str]) -> dict[str, Any]:
     from curation.decide import curate
@@ -196,16 +216,19 @@ def curate_task(config: PipelineConfig, run_id: str, parts: list[str]) -> dict[s
 def train_output_dir(config: PipelineConfig, run_id: str, shard_dir: str, model_path: str) -> Path:
     """One folder per (shards, start model, training settings): stage markers never mix runs."""
     key = content_key("train", [config.train.to_dict(), model_path], [shard_dir])
-    return Path(config.workdir) / run_id / "train" / key.split("-", 1)[1][:12]
+    return run_dir(config.workdir, run_id) / "train" / key.split("-", 1)[1][:12]
 
 
 def _train_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
+    """Inputs, settings, and the checkpoints already on disk: a changed or damaged checkpoint is
+    a cache miss, and train_stages then checks each stage's digest and retrains what fails."""
     config: PipelineConfig = parameters["config"]
+    out = train_output_dir(config, parameters["run_id"], parameters["shard_dir"], parameters["model_path"])
     return content_key("train-stages", [_workdir(config), config.train.to_dict()],
-                       [parameters["shard_dir"], parameters["model_path"]])
+                       [parameters["shard_dir"], parameters["model_path"], out])
 
 
-@task(name="train-stages", cache_key_fn=_train_key, **_COMMON)
+@task(name="train-stages", cache_policy=keyed_by(_train_key), **_COMMON)
 @_user_errors_in_one_line
 def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: str) -> dict[str, Any]:
     from curation.manifest import ShardManifest
@@ -217,7 +240,7 @@ def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: 
     total = len(manifest.selected(config.train.max_stages))
     results = train_stages(Path(shard_dir), model_path, train_output_dir(config, run_id, shard_dir, model_path),
                            config.train, metrics_sink=_metrics_sink(catalog, run_id),
-                           callbacks=[TrainingProgress(run_id, total)])
+                           callbacks=[TrainingProgress(run_id, total)], refresh=config.refresh)
     catalog.upsert_run(run_id, stage="train", status="trained", config={"train": config.train.to_dict()})
     return {"stages": [{"stage": r.stage, "model_dir": str(r.model_dir), "pairs": r.pairs, "objective": r.objective,
                         "resumed": r.resumed, "reference_source": r.reference_source, "train_loss": r.train_loss,
@@ -244,11 +267,12 @@ def _eval_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
     config: PipelineConfig = parameters["config"]
     settings = [_workdir(config), parameters["run_id"], config.eval.model_dump(), parameters["beta"],
                 parameters["max_length"]]
+    judge = config.eval.reward_model
     return content_key("evaluate", settings,
-                       [parameters["policy_path"], parameters["reference_path"]])
+                       [parameters["policy_path"], parameters["reference_path"], *([judge] if judge else [])])
 
 
-@task(name="evaluate", cache_key_fn=_eval_key, **_COMMON)
+@task(name="evaluate", cache_policy=keyed_by(_eval_key), **_COMMON)
 @_user_errors_in_one_line
 def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, reference_path: str, beta: float,
                   max_length: int | None) -> dict[str, float]:
@@ -258,7 +282,7 @@ def evaluate_task(config: PipelineConfig, run_id: str, policy_path: str, referen
     e = config.eval
     return evaluate_run(_catalog(config), run_id, policy_path, reference_path, prompts=e.prompts,
                         pairs=e.heldout_pairs, max_new_tokens=e.max_new_tokens, max_length=max_length,
-                        beta=beta, seed=e.seed, task=e.task)
+                        beta=beta, seed=e.seed, task=e.task, reward_model=e.reward_model)
 
 
 # -- report and artifacts (cheap, never cached) ---------------------------------------------

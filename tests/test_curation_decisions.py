@@ -23,6 +23,7 @@ from curation.beta_filter import BetaFilterConfig, beta_filter, kept_count, samp
 from curation.decide import WHY_SQL, CurateConfig, curate, why
 from curation.errors import WinnowError
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules, resolve_threshold
+from curation.heldout import HeldoutConfig
 from curation.manifest import MANIFEST_FORMAT, ShardManifest
 from curation.report import PLOTS, build_report
 from curation.shard import sha256_file
@@ -95,7 +96,8 @@ def flipped_set(n: int = 2000, flip: float = 0.2, seed: int = 0) -> tuple[np.nda
     return np.where(flipped, -gap, gap) + rng.normal(0.0, 1.0, n), flipped
 
 
-QUICK = CurateConfig(report=False)
+NO_HELDOUT = HeldoutConfig(share=0.0)  # these tests are about the filters: every pair enters them
+QUICK = CurateConfig(report=False, heldout=NO_HELDOUT)
 
 
 # ----------------------------------------------------------------------------- demo fixture (real ingest + score)
@@ -130,7 +132,7 @@ def _ingest_and_score(workdir: Path, lines: int = 400, max_length: int = 20) -> 
     return catalog, run_id
 
 
-DEMO_CONFIG = CurateConfig(stages=StageConfig(k=3), report=False)
+DEMO_CONFIG = CurateConfig(stages=StageConfig(k=3), report=False, heldout=NO_HELDOUT)
 
 
 @pytest.fixture(scope="module")
@@ -432,7 +434,7 @@ def test_clear_errors(tmp_path: Path) -> None:
         curate(catalog, "run-synthetic", CurateConfig(stages=StageConfig(order_by="column", column="bogus"),
                                                       report=False))
     with pytest.raises(WinnowError, match="50 stages asked for but only 16"):
-        curate(catalog, "run-synthetic", CurateConfig(stages=StageConfig(k=50), report=False))
+        curate(catalog, "run-synthetic", CurateConfig(stages=StageConfig(k=50), report=False, heldout=NO_HELDOUT))
     assert catalog.query("SELECT count(*) AS n FROM decisions")["n"][0] == 0  # a failed curate writes nothing
     with pytest.raises(WinnowError, match="no run"):
         curate(catalog, "run-missing", QUICK)

@@ -451,3 +451,74 @@ def test_reader_memory_is_flat_in_file_size(tmp_path: Path) -> None:
 
     small, large = peak(5_000), peak(40_000)
     assert large < 1.3 * small, (small, large)
+
+
+# -- the invariant over the new shapes: multi-response and label-style rows ------------------------
+
+_word = st.sampled_from(["a", "b", "yes", "no", "  ", "x y"])  # few texts: ties, duplicates and identical sides
+
+
+def _uf_line(instruction: str, responses: list[str], scores: list[int]) -> str:
+    completions = [{"response": r, "overall_score": s, "fine-grained_score": s, "annotations": {}, "model": "m",
+                    "critique": "", "custom_system_prompt": "", "principle": "helpfulness"}
+                   for r, s in zip(responses, scores, strict=False)]
+    return json.dumps({"source": "evol_instruct", "instruction": instruction, "models": ["m"] * len(completions),
+                       "completions": completions, "correct_answers": ["None"], "incorrect_answers": ["None"]})
+
+
+shape_lines = {
+    "ultrafeedback-raw": st.builds(_uf_line, _word, st.lists(_word, max_size=4),
+                                   st.lists(st.integers(1, 3), min_size=4, max_size=4)),
+    "shp": st.builds(lambda h, a, b, label: json.dumps({"history": h, "human_ref_A": a, "human_ref_B": b,
+                                                        "labels": label, "score_A": 5, "score_B": 2}),
+                     _word, _word, _word, st.sampled_from([0, 1, 2, "1", None])),
+    "helpsteer2": st.builds(lambda p, a, b, s: json.dumps({"split": "train", "prompt": p, "response_1": a,
+                                                           "response_2": b, "preference_strength": s}),
+                            _word, _word, _word, st.integers(-3, 3)),
+    "trl-style": st.builds(lambda p, a, b: json.dumps({"prompt": p, "chosen": [{"role": "user", "content": p},
+                                                                                {"role": "assistant", "content": a}],
+                                                       "rejected": [{"role": "user", "content": p},
+                                                                    {"role": "assistant", "content": b}]}),
+                           _word, _word, _word),
+}
+junk = st.sampled_from(['{"broken', "[]", "null", '{"chosen": 1}'])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.sampled_from(sorted(shape_lines)).flatmap(
+           lambda shape: st.tuples(st.just(shape), st.lists(st.one_of(shape_lines[shape], shape_lines[shape], junk),
+                                                            min_size=1, max_size=12))), min_size=1, max_size=3),
+       pairing=st.sampled_from(["best-vs-worst", "best-vs-rest", "all-pairs"]), gap=st.sampled_from([0.0, 1.0, 2.0]))
+def test_accounting_invariant_property_over_shapes(tmp_path: Path, files: list[tuple[str, list[str]]], pairing: str,
+                                                   gap: float) -> None:
+    """Every row read is paired or quarantined, once; a multi-response row may make several pairs."""
+    folder = Path(tempfile.mkdtemp(dir=tmp_path))
+    expected_rows = {}
+    for i, (_, lines) in enumerate(files):
+        path = folder / f"f{i}.jsonl"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        expected_rows[str(path)] = set(range(1, len(lines) + 1))
+    catalog = Catalog(folder / "ws")
+    options = IngestOptions(max_bad_fraction=1.0, pairing=pairing, min_rating_gap=gap)
+    try:
+        result = ingest([str(folder)], catalog, options, progress=False)
+    except (NoValidPairsError, UnknownFormatError):
+        return  # nothing valid to keep is a legitimate outcome; the error says so
+    paired = catalog.query("SELECT source, source_row, count(*) AS n FROM pairs GROUP BY 1, 2")
+    quarantined = catalog.query("SELECT DISTINCT source, source_row FROM quarantine")
+    for row in result.accounting.to_dicts():
+        source = row["source"]
+        rows_with_pairs = set(paired.filter(pl.col("source") == source)["source_row"].to_list())
+        rows_quarantined = set(quarantined.filter(pl.col("source") == source)["source_row"].to_list()) - rows_with_pairs
+        assert rows_with_pairs | rows_quarantined == expected_rows[source]  # every row once, none invented
+        assert row["rows_read"] == len(expected_rows[source]) == row["rows_paired"] + row["rows_quarantined"]
+        assert (row["rows_paired"], row["rows_quarantined"]) == (len(rows_with_pairs), len(rows_quarantined))
+        assert row["pairs"] == int(paired.filter(pl.col("source") == source)["n"].sum())
+        assert row["candidates"] == row["pairs"] + row["quarantined"] - row["rows_rejected"]
+        if pairing == "best-vs-worst" or row["shape"] != "ultrafeedback-raw":
+            assert row["pairs"] == row["rows_paired"]  # one pair per row
+    rows = catalog.query("SELECT chosen, rejected, score_chosen, score_rejected, format FROM pairs").to_dicts()
+    assert all(r["chosen"] != r["rejected"] for r in rows)
+    for r in rows:
+        if r["format"] == "ultrafeedback-raw":
+            assert r["score_chosen"] - r["score_rejected"] >= max(gap, 1)  # ties never pair; the gap holds

@@ -4,7 +4,10 @@ Stage k starts from, and is referenced against, the model of stage k-1 (stage 1:
 model). Each stage gets a fresh learning-rate schedule, its reference log-probs are computed
 by the fast scorer with that stage's reference (stage 1 reuses curation's when they match),
 and it ends with a checkpoint plus a COMPLETE marker, so a killed run resumes after the last
-completed stage (only when that stage's inputs and settings, fingerprinted, are unchanged).
+completed stage (only when that stage's inputs and settings, fingerprinted, are unchanged, and
+its checkpoint still has the sha256 digest recorded when it completed; a stage that fails the
+check is retrained, with a log line, and so is every stage after it). Each shard is checked
+against the manifest's sha256 before use. `refresh` retrains every stage.
 With LoRA the adapter is merged before the next stage, or the "adapter off" reference would
 silently stay the stage-0 model.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -22,15 +26,15 @@ from typing import Any
 import polars as pl
 import torch
 
-from curation.errors import WinnowError
 from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
-from curation.manifest import ShardManifest, StageShard
+from curation.manifest import ShardManifest, StageShard, folder_digest
 from training.config import TrainConfig, resolve_objective
 from training.trainer import MetricsRecorder, WinnowDPOTrainer
 
 COMPLETE = "COMPLETE"
 TRL_TRUNCATION = "keep_start"  # DPOConfig's default, for direct calls that leave truncation_mode unset
 REFERENCE_LOGPS_FILE = "reference_logps.parquet"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,29 +52,30 @@ class StageResult:
     pairs: int
     objective: str
     resumed: bool = False
-    reference_source: str = ""  # "curation", "recomputed" or "trl"
+    reference_source: str = ""  # "curation" (stage 1 reuses the shard's) or "recomputed" (the fast scorer)
     train_loss: float | None = None
     beta: float | None = None  # the objective's (base) beta: evaluation's implicit reward uses it
     seconds: float = 0.0
 
 
 def load_stage_frame(manifest: ShardManifest, entry: StageShard) -> pl.DataFrame:
-    path = manifest.shard_path(entry)
-    if not path.is_file():
-        raise WinnowError(f"shard {path} is missing")
-    return pl.read_parquet(path)
-
-
-def _is_conversational(frame: pl.DataFrame) -> bool:
-    return frame.schema["prompt"] != pl.String
+    """The stage's shard, after checking its size and sha256 against the manifest."""
+    return pl.read_parquet(manifest.verified_path(entry))
 
 
 def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig, progress: bool) -> pl.DataFrame:  # noqa: ANN001
-    from curation.lm.logprobs import score_tokenized
-    from curation.lm.tokenization import tokenize_pairs
+    """The stage's reference log-probs by the fast scorer, on the tokens TRL builds from this shard.
 
-    tokens = tokenize_pairs(tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
-                            frame["rejected"].to_list(), config.max_length, config.truncation_mode or TRL_TRUNCATION)
+    Conversational shards hold message lists (and maybe a ``tools`` column); they go through the
+    tokenizer's chat template exactly as TRL's ``_prepare_dataset`` applies it.
+    """
+    from curation.lm.logprobs import score_tokenized
+    from curation.lm.tokenization import tokenize_preferences
+
+    tools = frame["tools"].to_list() if "tools" in frame.columns else None
+    tokens = tokenize_preferences(tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
+                                  frame["rejected"].to_list(), tools, config.max_length,
+                                  config.truncation_mode or TRL_TRUNCATION)
     return score_tokenized(model, tokens, progress=progress).select(REF_COLUMNS)
 
 
@@ -178,7 +183,7 @@ def train_stage(
         tmp.rename(final)
         shutil.rmtree(stage_dir / "trainer", ignore_errors=True)
         summary = {**result.__dict__, "model_dir": str(final), "objective_config": asdict(objective),
-                   "fingerprint": fingerprint}
+                   "fingerprint": fingerprint, "model_sha256": folder_digest(final)}
         (stage_dir / "stage.json").write_text(json.dumps(summary, indent=1, default=str))
         (stage_dir / COMPLETE).write_text("ok\n")
     accelerator.wait_for_everyone()
@@ -194,8 +199,14 @@ def train_stages(
     metrics_sink: Callable[[int, list[dict[str, Any]]], None] | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    refresh: bool = False,
 ) -> list[StageResult]:
-    """Train every stage of a curated shard folder in order; resumes after completed stages."""
+    """Train every stage of a curated shard folder in order; resumes after completed stages.
+
+    A completed stage is reused only when its fingerprint matches and its checkpoint passes its
+    digest; once one stage is trained again, every later one is too (it starts from that model).
+    `refresh`: train every stage again, whatever is on disk.
+    """
     config = config or TrainConfig()
     manifest = ShardManifest.load(shard_dir)
     stages = manifest.selected(config.max_stages)
@@ -205,11 +216,13 @@ def train_stages(
     current: str | Path = base_model
     results: list[StageResult] = []
     fingerprint = ""
+    retrain = refresh
     for entry in stages:
         stage = entry.stage
         stage_dir = output_dir / f"stage-{stage}"
         fingerprint = _stage_fingerprint(fingerprint, config, base_model, manifest, entry)
-        resumed = _completed_stage(stage_dir, fingerprint)
+        resumed = None if retrain else _completed_stage(stage_dir, fingerprint)
+        retrain = retrain or resumed is None
         if resumed is not None:
             results.append(resumed)
             current = stage_dir / "model"
@@ -238,12 +251,30 @@ def _completed_stage(stage_dir: Path, fingerprint: str) -> StageResult | None:
     """The stage's result when it completed with the same inputs and settings, else None."""
     if not (stage_dir / COMPLETE).is_file() or not (stage_dir / "stage.json").is_file():
         return None
-    summary = json.loads((stage_dir / "stage.json").read_text())
+    try:
+        summary = json.loads((stage_dir / "stage.json").read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        log.warning("stage %s: unreadable stage.json (%s); training the stage again", stage_dir.name, exc)
+        return None
     if summary.get("fingerprint") != fingerprint:
         return None
-    return StageResult(int(summary["stage"]), stage_dir / "model", int(summary["pairs"]), summary["objective"],
-                       resumed=True, reference_source=summary.get("reference_source", ""),
-                       train_loss=summary.get("train_loss"), beta=summary.get("beta"))
+    recorded = summary.get("model_sha256")
+    model_dir = stage_dir / "model"
+    found = folder_digest(model_dir) if model_dir.is_dir() else {}
+    if not isinstance(recorded, dict) or not recorded or found != recorded:
+        what = "records no checkpoint digest" if not isinstance(recorded, dict) or not recorded else (
+            "checkpoint differs from the digest recorded when it completed (changed, truncated or missing files)")
+        log.warning("%s: %s; training it again", stage_dir, what)
+        return None
+    try:
+        return StageResult(int(summary["stage"]), model_dir, int(summary["pairs"]), str(summary["objective"]),
+                           resumed=True, reference_source=str(summary.get("reference_source", "")),
+                           train_loss=summary.get("train_loss"), beta=summary.get("beta"))
+    except (KeyError, TypeError, ValueError) as exc:
+        log.warning("%s: stage.json lacks %s; training it again", stage_dir, exc)
+        return None
 
 
 def training_lengths(config: TrainConfig, manifest: ShardManifest) -> TrainingLengths:
@@ -259,11 +290,10 @@ def _reference_plan(frame: pl.DataFrame, stage: int, current: str | Path, base_m
     """Where this stage's reference log-probs come from.
 
     Curation's are reused only for stage 1, when computed with the same model, max_length and
-    truncation; conversational shards go through TRL's own precompute pass (the chat template
-    decides tokens).
+    truncation; every other stage's are recomputed by the fast scorer with that stage's
+    reference. Conversations are no exception: curation scores them on the chat template's
+    tokens, as TRL trains on them, and ships the columns only then (curation/shard.py).
     """
-    if _is_conversational(frame):
-        return "trl"
     has_ref = set(REF_COLUMNS) <= set(frame.columns) and frame[REF_COLUMNS[0]].null_count() == 0
     ref = manifest.reference
     same_model = ref.model is not None and str(ref.model) == str(base_model)

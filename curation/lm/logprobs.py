@@ -18,6 +18,10 @@ only cheaper to get. Where the time goes and what this module does about it:
   vocabulary, in chunks, as ``logit[target] - logsumexp(logits)``; no (tokens x vocab)
   log-softmax is materialised for the prompt or padding.
 * no autograd (``torch.inference_mode``); bf16 autocast on CUDA for fp32 models, fp32 on CPU.
+
+Both kinds of pairs: plain text and conversations (message lists through the model's chat
+template, :func:`curation.lm.tokenization.tokenize_conversations`); :func:`reference_logprobs`
+takes either. Which fast paths a model allows is :mod:`curation.lm.fast_paths`' business.
 """
 
 from __future__ import annotations
@@ -30,8 +34,11 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from curation.lm.fast_paths import _log_off, _longest, _packed_blockers, _shared_blockers, fast_path_blockers
 from curation.lm.packed_attention import packed_attention
-from curation.lm.tokenization import TokenizedPairs, tokenize_pairs
+from curation.lm.tokenization import TokenizedPairs, tokenize_preferences
+
+__all__ = ["COLUMNS", "default_batch_tokens", "fast_path_blockers", "reference_logprobs", "score_tokenized"]
 
 COLUMNS = (
     "ref_chosen_logps",
@@ -41,8 +48,6 @@ COLUMNS = (
     "chosen_tokens",
     "rejected_tokens",
 )
-# Attention backends that are plain causal SDPA math and accept a ready 4D boolean mask
-_MASK4D_ATTENTION = ("sdpa", "eager")
 # Logit elements per LM-head chunk: bounds the fp32 (rows x vocab) tile to 64 MiB on CPU
 # (cache-sized), 1 GiB on GPUs (few, large GEMMs)
 _LM_HEAD_CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 28}
@@ -281,36 +286,6 @@ def _packed_inputs(rows: _Rows, idx: np.ndarray, device: torch.device) -> tuple[
     return inputs, offset
 
 
-# Model types whose attention is more than causal softmax(QK^T)V (attention sinks)
-_NON_PLAIN_ATTENTION = ("gpt_oss",)
-
-
-def _shared_blockers(model, longest: int) -> list[str]:
-    """Why the model cannot run rows whose attention differs from plain causal (empty: it can).
-
-    ``longest``: the longest sequence TRL would build; a sliding window at least that long
-    never slides, so it is plain causal attention.
-    """
-    cfg = model.config.get_text_config()
-    why = []
-    attn = getattr(cfg, "_attn_implementation", None) or "eager"
-    if attn not in _MASK4D_ATTENTION:
-        why.append(f"attention backend {attn!r} (needs sdpa or eager)")
-    layer_types = getattr(cfg, "layer_types", None) or []
-    window = getattr(cfg, "sliding_window", None)
-    if layer_types:
-        sliding = any("sliding" in str(t) for t in layer_types)
-    else:
-        sliding = window is not None and getattr(cfg, "use_sliding_window", True)
-    if sliding and (window is None or longest > window):
-        why.append("sliding-window attention shorter than the sequences")
-    if getattr(cfg, "attn_logit_softcapping", None) is not None:
-        why.append("attention logit soft-capping")
-    if getattr(cfg, "model_type", None) in _NON_PLAIN_ATTENTION:
-        why.append(f"{cfg.model_type} attention (sinks)")
-    return why
-
-
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -350,11 +325,12 @@ def score_tokenized(
         model.to(device)
     dev = _model_device(model)
     batch_tokens = batch_tokens or default_batch_tokens(dev)
-    sequence = tokenized.prompt_lengths + np.maximum(tokenized.chosen_lengths, tokenized.rejected_lengths)
-    longest = int(np.where(tokenized.keep, sequence, 0).max(initial=0))
+    longest = _longest(tokenized)
     blockers = _shared_blockers(model, longest)
     if share_prompt is None:
         share_prompt = tokenized.truncation_mode == "keep_start" and not blockers
+        if blockers and len(tokenized):
+            _log_off("shared-prompt rows", model, blockers)
     elif share_prompt and (tokenized.truncation_mode != "keep_start" or blockers):
         why = blockers + (["truncation_mode='keep_end'"] if tokenized.truncation_mode != "keep_start" else [])
         raise ValueError(f"share_prompt is not possible here: {', '.join(why)}")
@@ -362,8 +338,9 @@ def score_tokenized(
         layout = "padded"
     if layout not in ("packed", "padded"):
         raise ValueError(f"layout must be 'packed' or 'padded', got {layout!r}")
-    if layout == "packed" and blockers:
-        raise ValueError(f"layout='packed' is not possible here: {', '.join(blockers)}")
+    packed_why = _packed_blockers(model, longest)
+    if layout == "packed" and packed_why:
+        raise ValueError(f"layout='packed' is not possible here: {', '.join(packed_why)}")
     packed = layout == "packed"
     if autocast is None:
         autocast = dev.type == "cuda" and next(model.parameters()).dtype == torch.float32
@@ -453,10 +430,11 @@ def _frame(tp: TokenizedPairs, sums: np.ndarray) -> pl.DataFrame:
 def reference_logprobs(
     model,
     tokenizer,
-    prompts: Sequence[str],
-    chosens: Sequence[str],
-    rejecteds: Sequence[str],
+    prompts: Sequence[str] | Sequence[list[dict]] | None,
+    chosens: Sequence[str] | Sequence[list[dict]],
+    rejecteds: Sequence[str] | Sequence[list[dict]],
     *,
+    tools: Sequence[object] | None = None,
     max_length: int | None = None,
     truncation_mode: str = "keep_start",
     batch_tokens: int | None = None,
@@ -465,13 +443,15 @@ def reference_logprobs(
     share_prompt: bool | None = None,
     layout: str | None = None,
 ) -> pl.DataFrame:
-    """Reference log-probs of string pairs, equal to TRL's ``precompute_ref_log_probs`` pass.
+    """Reference log-probs of pairs, equal to TRL's ``precompute_ref_log_probs`` pass.
 
-    Tokenises as TRL does (:func:`curation.lm.tokenization.tokenize_pairs`) and scores with
-    :func:`score_tokenized`. Set ``max_length``/``truncation_mode`` to the values training
-    will use, or the numbers will not be the ones training needs.
+    Plain strings or TRL message lists (conversations go through the tokenizer's chat template,
+    ``tools`` per pair, ``prompts=None`` for implicit prompts): tokenised as TRL does
+    (:func:`curation.lm.tokenization.tokenize_preferences`) and scored with
+    :func:`score_tokenized`. Set ``max_length``/``truncation_mode`` to the values training will
+    use, or the numbers will not be the ones training needs. Benchmarks call this for both kinds.
     """
-    tp = tokenize_pairs(tokenizer, prompts, chosens, rejecteds, max_length, truncation_mode)
+    tp = tokenize_preferences(tokenizer, prompts, chosens, rejecteds, tools, max_length, truncation_mode)
     return score_tokenized(
         model,
         tp,

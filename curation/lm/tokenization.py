@@ -1,20 +1,32 @@
 """Tokenisation of preference pairs, shared by reference scoring and training.
 
 Why this exists: the reference log-probs computed during curation are reused by training,
-so both must see exactly the tokens TRL's ``DPOTrainer._prepare_dataset`` produces (EOS
-appended to each completion, prompt/completion split at the common prefix of the tokenised
-prompt and prompt+completion) and the truncation its ``DataCollatorForPreference`` applies.
+so both must see exactly the tokens TRL's ``DPOTrainer._prepare_dataset`` produces and the
+truncation its ``DataCollatorForPreference`` applies:
+
+* plain text (:func:`tokenize_pairs`): EOS appended to each completion, prompt/completion
+  split at the common prefix of the tokenised prompt and prompt+completion;
+* conversations (:func:`tokenize_conversations`): the tokenizer's chat template with the
+  generation prompt for the prompt alone, the whole conversation for prompt+completion,
+  ``tools`` passed to the template, no EOS appended (the template ends the turn), and the
+  same common-prefix split; implicit prompts split as TRL's ``extract_prompt``.
+
 TRL tokenises one example at a time in ``Dataset.map``; here each list goes through the fast
-tokenizer in one batched call, which gives the same ids far faster.
+tokenizer in one batched call (conversations are rendered to text first), which gives the
+same ids far faster. :func:`tokenize_preferences` takes either kind.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+
+from curation.errors import WinnowError
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
@@ -121,8 +133,8 @@ def _as_strings(name: str, values: Sequence[object]) -> list[str]:
         if not isinstance(v, str):
             kind = "a list of chat messages" if isinstance(v, list | tuple) else type(v).__name__
             raise TypeError(
-                f"{name}[{i}] is {kind}; tokenize_pairs takes plain strings only (conversational "
-                "message lists are not supported yet: render them with the chat template first)"
+                f"{name}[{i}] is {kind}; tokenize_pairs takes plain strings only (message lists go through "
+                "tokenize_conversations, or tokenize_preferences for either)"
             )
     return out
 
@@ -174,10 +186,11 @@ def _backend_kept(tokenizer) -> Iterator[None]:  # noqa: ANN001 - any HF tokeniz
                 backend.enable_padding(**padding)
 
 
-def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def _batch_ids(tokenizer, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
     """Token ids per text, one batched tokenizer call per chunk, same defaults as TRL's ``_tokenize``.
 
-    The tokenizer is left exactly as it was (see :func:`_backend_kept`).
+    ``add_special_tokens=False`` is what ``apply_chat_template(..., tokenize=True)`` uses (the
+    template writes bos itself). The tokenizer is left exactly as it was (see :func:`_backend_kept`).
     """
     out: list[list[int]] = []
     with _backend_kept(tokenizer):
@@ -190,10 +203,13 @@ def _batch_ids(tokenizer, texts: list[str]) -> list[list[int]]:
             chunk = texts[start : start + _TOKENIZE_CHUNK]
             if backend is not None:
                 out.extend(
-                    encoding.ids for encoding in backend.encode_batch_fast(chunk, add_special_tokens=True)
+                    encoding.ids
+                    for encoding in backend.encode_batch_fast(chunk, add_special_tokens=add_special_tokens)
                 )
-            else:
+            elif add_special_tokens:  # the tokenizer's own defaults, as TRL calls it for plain text
                 out.extend(tokenizer(text=chunk)["input_ids"])
+            else:
+                out.extend(tokenizer(text=chunk, add_special_tokens=False)["input_ids"])
     return out
 
 
@@ -243,6 +259,17 @@ def tokenize_pairs(
         tokenizer, [p + (r if r.endswith(eos) else r + eos) for p, r in zip(prompts, rejecteds, strict=True)]
     )
 
+    return _split(prompt_ids, pc_ids, pr_ids, max_length, truncation_mode)
+
+
+def _split(
+    prompt_ids: list[list[int]],
+    pc_ids: list[list[int]],
+    pr_ids: list[list[int]],
+    max_length: int | None,
+    truncation_mode: str,
+) -> TokenizedPairs:
+    """TRL's prompt/completion split: the prompt is the common prefix of the three id lists."""
     out_p: list[list[int]] = []
     out_c: list[list[int]] = []
     out_r: list[list[int]] = []
@@ -257,3 +284,192 @@ def tokenize_pairs(
         out_c.append(pc[k:])
         out_r.append(pr[k:])
     return TokenizedPairs(out_p, out_c, out_r, max_length=max_length, truncation_mode=truncation_mode)
+
+
+# --------------------------------------------------------------------------------------------------
+# Conversations: the chat template, as TRL's DPOTrainer applies it
+
+Message = dict[str, Any]
+Conversation = list[Message]
+
+
+class ChatTemplateError(WinnowError):
+    """The tokenizer's chat template refused a conversation (TRL would fail on it the same way).
+
+    ``row`` is the index of the first refused conversation in the input lists.
+    """
+
+    def __init__(self, message: str, row: int) -> None:
+        super().__init__(message)
+        self.row = row
+
+
+def is_conversation(value: object) -> bool:
+    """A TRL message list: a list whose first item is a dict with a ``role`` (TRL's ``is_conversational``)."""
+    return isinstance(value, list | tuple) and len(value) > 0 and isinstance(value[0], dict) and "role" in value[0]
+
+
+def extract_prompt_messages(chosen: Conversation, rejected: Conversation) -> tuple[Conversation, Conversation,
+                                                                                  Conversation]:
+    """(prompt, chosen, rejected) of an implicit-prompt conversation, exactly as TRL's ``extract_prompt``.
+
+    The prompt is the run of leading messages both sides share; when one side is a prefix of the
+    other, TRL's loop ends on the last shared index, so that message stays in the completions.
+    """
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):  # noqa: B007 - the loop's last index is the split
+        if chosen[idx] != rejected[idx]:
+            break
+    return list(chosen[:idx]), list(chosen[idx:]), list(rejected[idx:])
+
+
+def _tools_value(tools: object) -> Any:
+    """A row's tools as the template gets them: TRL decodes a JSON string, passes a list as it is."""
+    return json.loads(tools) if isinstance(tools, str) else tools
+
+
+def render_conversations(
+    tokenizer,  # noqa: ANN001 - any HF tokenizer with a chat template
+    conversations: Sequence[Conversation],
+    tools: Sequence[object] | None = None,
+    *,
+    add_generation_prompt: bool = False,
+) -> list[str]:
+    """Each conversation rendered by the tokenizer's chat template (``tokenize=False``), in input order.
+
+    Conversations sharing one ``tools`` value go through one batched ``apply_chat_template``
+    call (the template is compiled once); a conversation the template refuses raises
+    :class:`ChatTemplateError` naming its row.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise WinnowError(
+            "the tokenizer has no chat template, so conversational pairs cannot be tokenised as TRL "
+            "would (set tokenizer.chat_template, or give the pairs as plain text)"
+        )
+    n = len(conversations)
+    if tools is not None and len(tools) != n:
+        raise ValueError(f"tools has {len(tools)} rows for {n} conversations")
+    groups: dict[object, list[int]] = {}
+    if tools is None:
+        groups[None] = list(range(n))
+    else:  # by the raw value: a JSON string (TRL's tools column), None, or a list of schemas
+        for i, raw in enumerate(tools):
+            key = raw if raw is None or isinstance(raw, str) else json.dumps(raw, sort_keys=True, default=str)
+            groups.setdefault(key, []).append(i)
+    decoded = {key: _tools_value(key if key is None or tools is None else tools[rows[0]])
+               for key, rows in groups.items()}
+    out: list[str] = [""] * n
+    for key, rows in groups.items():
+        batch = [list(conversations[i]) for i in rows]
+        try:
+            texts = tokenizer.apply_chat_template(
+                batch, tools=decoded[key], tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception:  # noqa: BLE001 - a template raises anything (jinja's raise_exception, KeyError)
+            _raise_refused(tokenizer, batch, rows, decoded[key], add_generation_prompt)
+            raise
+        for i, text in zip(rows, texts, strict=True):
+            out[i] = text
+    return out
+
+
+def _raise_refused(tokenizer, batch: list[Conversation], rows: list[int], tools: Any,  # noqa: ANN001
+                   add_generation_prompt: bool) -> None:
+    """Find the first conversation of a failed batch the template refuses and say which, in one line."""
+    for row, conversation in zip(rows, batch, strict=True):
+        try:
+            tokenizer.apply_chat_template(
+                conversation, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # noqa: BLE001
+            roles = ", ".join(str(m.get("role")) for m in conversation)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ChatTemplateError(
+                f"the chat template refuses conversation {row} (roles: {roles}): {reason}", row
+            ) from None
+
+
+def tokenize_conversations(
+    tokenizer,  # noqa: ANN001 - any HF tokenizer with a chat template
+    prompts: Sequence[Conversation] | None,
+    chosens: Sequence[Conversation],
+    rejecteds: Sequence[Conversation],
+    tools: Sequence[object] | None = None,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+) -> TokenizedPairs:
+    """Tokenise conversational pairs exactly as TRL 1.16's ``DPOTrainer._prepare_dataset`` does, batched.
+
+    TRL, per example: ``apply_chat_template(prompt, add_generation_prompt=True, tools=tools)``,
+    ``apply_chat_template(prompt + chosen, tools=tools)`` and the same for rejected, each
+    tokenised without added special tokens (the template writes bos and end-of-turn itself; no
+    eos is appended); the prompt is the common prefix of the three id lists. Here every
+    conversation is rendered to text first (batched by ``tools``) and all texts of a kind go
+    through one batched tokenizer call, which gives the same ids. ``prompts=None`` is TRL's
+    implicit prompt (:func:`extract_prompt_messages`); ``tools`` is one value per pair (a list
+    of tool schemas, its JSON string, or None), as TRL reads a ``tools`` column.
+    """
+    _check_truncation(max_length, truncation_mode)
+    chosens, rejecteds = list(chosens), list(rejecteds)
+    if prompts is None:
+        split = [extract_prompt_messages(c, r) for c, r in zip(chosens, rejecteds, strict=True)]
+        prompts = [s[0] for s in split]
+        chosens = [s[1] for s in split]
+        rejecteds = [s[2] for s in split]
+    prompts = list(prompts)
+    if not len(prompts) == len(chosens) == len(rejecteds):
+        raise ValueError(
+            f"prompts, chosens and rejecteds differ in length: {len(prompts)}, {len(chosens)}, {len(rejecteds)}"
+        )
+    for name, values in (("prompts", prompts), ("chosens", chosens), ("rejecteds", rejecteds)):
+        for i, value in enumerate(values):
+            if not is_conversation(value):
+                raise TypeError(f"{name}[{i}] is not a list of {{role, content}} messages")
+    prompt_texts = render_conversations(tokenizer, prompts, tools, add_generation_prompt=True)
+    chosen_texts = render_conversations(tokenizer, [p + c for p, c in zip(prompts, chosens, strict=True)], tools)
+    rejected_texts = render_conversations(
+        tokenizer, [p + r for p, r in zip(prompts, rejecteds, strict=True)], tools
+    )
+    return _split(
+        _batch_ids(tokenizer, prompt_texts, add_special_tokens=False),
+        _batch_ids(tokenizer, chosen_texts, add_special_tokens=False),
+        _batch_ids(tokenizer, rejected_texts, add_special_tokens=False),
+        max_length,
+        truncation_mode,
+    )
+
+
+def tokenize_preferences(
+    tokenizer,  # noqa: ANN001 - any HF tokenizer
+    prompts: Sequence[str] | Sequence[Conversation] | None,
+    chosens: Sequence[str] | Sequence[Conversation],
+    rejecteds: Sequence[str] | Sequence[Conversation],
+    tools: Sequence[object] | None = None,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+) -> TokenizedPairs:
+    """Either kind of pair as TRL tokenises it: message lists through the chat template, strings as text.
+
+    The kind is decided by the first chosen value, as TRL decides by its first example; one
+    call takes one kind. The entry point for anything that scores pairs of unknown kind.
+    """
+    chosens = list(chosens)
+    if chosens and is_conversation(chosens[0]):
+        return tokenize_conversations(tokenizer, prompts, chosens, rejecteds, tools, max_length, truncation_mode)
+    if prompts is None:
+        raise ValueError("plain-text pairs need their prompts (implicit prompts are split at ingest)")
+    return tokenize_pairs(tokenizer, prompts, chosens, rejecteds, max_length, truncation_mode)
+
+
+def prompt_token_ids(
+    tokenizer,  # noqa: ANN001 - any HF tokenizer
+    prompts: Sequence[str] | Sequence[Conversation],
+    tools: Sequence[object] | None = None,
+) -> list[list[int]]:
+    """Ids of prompts to generate from, as TRL tokenises a prompt: text with the tokenizer's
+    defaults, a conversation with its chat template and the generation prompt."""
+    prompts = list(prompts)
+    if prompts and is_conversation(prompts[0]):
+        texts = render_conversations(tokenizer, prompts, tools, add_generation_prompt=True)
+        return _batch_ids(tokenizer, texts, add_special_tokens=False)
+    return _batch_ids(tokenizer, _as_strings("prompts", prompts))

@@ -43,38 +43,75 @@ def policy_margin(policy: pl.DataFrame, ref: pl.DataFrame, beta: float) -> pl.Da
 def reward_model_margin(
     model,  # noqa: ANN001 - transformers sequence-classification model
     tokenizer,  # noqa: ANN001
-    prompts: Sequence[str],
-    chosens: Sequence[str],
-    rejecteds: Sequence[str],
+    prompts: Sequence[str] | Sequence[list[dict]],
+    chosens: Sequence[str] | Sequence[list[dict]],
+    rejecteds: Sequence[str] | Sequence[list[dict]],
     *,
     batch_tokens: int = 16384,
     max_length: int | None = None,
     progress: bool = True,
 ) -> pl.DataFrame:
-    """Score prompt+response with a reward model: length-sorted batches, no gradient.
+    """Score prompt+response with a reward model (see :func:`reward_scores`); margin = chosen - rejected."""
+    prompts = list(prompts)
+    rewards = reward_scores(model, tokenizer, prompts + prompts, list(chosens) + list(rejecteds),
+                            batch_tokens=batch_tokens, max_length=max_length, progress=progress)
+    n = len(prompts)
+    return pl.DataFrame(
+        {"reward_chosen": rewards[:n], "reward_rejected": rewards[n:], "margin": rewards[:n] - rewards[n:]}
+    )
 
-    On CUDA the forward runs in bf16 autocast; on the CPU in float32.
+
+def _reward_inputs(tokenizer, prompts: list, responses: list, max_length: int | None) -> list[list[int]]:  # noqa: ANN001
+    """Token ids the reward model reads: its chat template for conversations when it has one, else text."""
+    from curation.lm.tokenization import is_conversation, render_conversations
+
+    if not prompts or not is_conversation(prompts[0]):
+        texts = [p + r for p, r in zip(prompts, responses, strict=True)]
+        return tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
+    turns = [list(p) + (list(r) if is_conversation(r) else [{"role": "assistant", "content": r}])
+             for p, r in zip(prompts, responses, strict=True)]
+    if getattr(tokenizer, "chat_template", None) is None:  # a plain reward model: the turns as text
+        texts = ["".join(f"\n\n{m['role'].capitalize()}: {m.get('content') or ''}" for m in t) for t in turns]
+        return tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
+    texts = render_conversations(tokenizer, turns)
+    return tokenizer(texts, add_special_tokens=False, truncation=max_length is not None,
+                     max_length=max_length)["input_ids"]
+
+
+def reward_scores(
+    model,  # noqa: ANN001 - transformers sequence-classification model
+    tokenizer,  # noqa: ANN001
+    prompts: Sequence[str] | Sequence[list[dict]],
+    responses: Sequence[str] | Sequence[list[dict]],
+    *,
+    batch_tokens: int = 16384,
+    max_length: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """A reward model's score (logit 0) of each prompt+response: length-sorted batches, no gradient.
+
+    Plain text is read as prompt + response. Conversations (message lists; a response may be a
+    string, read as one assistant turn) go through the reward tokenizer's chat template when it
+    has one, as reward models trained on chats expect. On CUDA the forward runs in bf16
+    autocast; on the CPU in float32. Used for the ``reward-model`` margin and by evaluation's judge.
     """
     import torch
 
     from curation.progress import progress_bar
 
-    texts = [p + c for p, c in zip(prompts, chosens, strict=True)] + [
-        p + r for p, r in zip(prompts, rejecteds, strict=True)
-    ]
-    encoded = tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
+    encoded = _reward_inputs(tokenizer, list(prompts), list(responses), max_length)
     lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
     order = np.argsort(-lengths, kind="stable")
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad
-    rewards = np.zeros(len(texts), dtype=np.float64)
+    rewards = np.zeros(len(encoded), dtype=np.float64)
     was_training = model.training
     model.eval()
     start = 0
     with (
-        progress_bar("reward model", total=len(texts), unit="seq", enabled=progress) as bar,
+        progress_bar("reward model", total=len(encoded), unit="seq", enabled=progress) as bar,
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"),
     ):
@@ -93,7 +130,4 @@ def reward_model_margin(
             bar.update(len(idx))
             start += len(idx)
     model.train(was_training)
-    n = len(prompts)
-    return pl.DataFrame(
-        {"reward_chosen": rewards[:n], "reward_rejected": rewards[n:], "margin": rewards[:n] - rewards[n:]}
-    )
+    return rewards

@@ -17,8 +17,9 @@ import polars as pl
 
 from curation.config_fields import setting
 from curation.errors import WinnowError
-from curation.lm.tokenization import tokenize_pairs
+from curation.lm.tokenization import ChatTemplateError, TokenizedPairs, tokenize_conversations, tokenize_pairs
 from curation.parquet_stream import open_parquet_stream
+from curation.paths import run_dir
 from curation.progress import progress_bar
 from curation.reads import export_pairs_parquet, unrated_pairs
 from curation.score.features import text_features, token_features
@@ -32,6 +33,10 @@ from curation.score.margins import (
 from curation.store import Catalog, bounded_memory
 
 REFERENCE_SCORE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
+# What the score record says about conversations: tokenised with the model's chat template, as TRL
+# trains on them (curation/shard.py ships their log-probs only then)
+CONVERSATION_TOKENS = "chat_template"
+MESSAGE_COLUMNS = ("prompt_messages", "chosen_messages", "rejected_messages")
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ class ScoreResult:
 
 
 def scores_dir(workdir: Path, run_id: str) -> Path:
-    return Path(workdir) / run_id / "scores"
+    return run_dir(workdir, run_id) / "scores"
 
 
 def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models: ScoringModels | None) -> str:
@@ -92,11 +97,79 @@ def resolve_margin_source(requested: str, catalog: Catalog, run_id: str, models:
     raise WinnowError("no ratings in the source and no reference model: pass --margin reward-model or a model")
 
 
+def conversation_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """Conversational pairs in TRL's layout (pair_id, prompt, chosen, rejected as message lists[, tools]),
+    exactly as their shard gives them to TRL.
+
+    Why through :func:`curation.shard.shard_frame`: TRL reads the messages from the parquet shard
+    (struct fields a message lacks come back as None, which the chat template never sees), so
+    the scorer decodes them with the very same expression. Pairs of a mixed run that came as
+    plain text become one user and one assistant message, as in the shard.
+    """
+    from curation.shard import shard_frame
+
+    rows = frame.select("pair_id", "prompt", "chosen", "rejected",
+                        *(c for c in (*MESSAGE_COLUMNS, "tools") if c in frame.columns))
+    if not has_messages(rows):  # only plain-text pairs here (a conversational run's): wrapped as the shard does
+        turn = {"prompt": "user", "chosen": "assistant", "rejected": "assistant"}
+        return rows.select("pair_id", *(pl.concat_list(pl.struct(role=pl.lit(role), content=pl.col(name))).alias(name)
+                                        for name, role in turn.items()),
+                           *(["tools"] if "tools" in rows.columns else []))
+    trl, _, _, _ = shard_frame(rows.with_columns(stage=pl.lit(0)))
+    trl = trl.drop("stage", strict=False)
+    if "tools" in rows.columns and "tools" not in trl.columns:
+        trl = trl.with_columns(rows["tools"])
+    return trl
+
+
+def conversation_rows(frame: pl.DataFrame) -> tuple[list, list, list, list | None]:
+    """(prompts, chosens, rejecteds, tools) of :func:`conversation_frame` as Python lists, for the tokenizer."""
+    trl = conversation_frame(frame)
+    tools = trl["tools"].to_list() if "tools" in trl.columns else None
+    return trl["prompt"].to_list(), trl["chosen"].to_list(), trl["rejected"].to_list(), tools
+
+
+def has_messages(frame: pl.DataFrame) -> bool:
+    """Whether any pair of the frame came as a conversation."""
+    return "prompt_messages" in frame.columns and frame["prompt_messages"].null_count() < frame.height
+
+
+def batch_tokens(frame: pl.DataFrame, models: ScoringModels, options: ScoreOptions,
+                 conversational: bool | None = None, rows: tuple | None = None) -> TokenizedPairs:
+    """The pairs' tokens as TRL's DPOTrainer builds them: chat template for conversations, else plain text.
+
+    ``conversational`` is the run's kind (a run with any conversation is trained as
+    conversations); None: this frame's own kind. ``rows``: :func:`conversation_rows`, when
+    the caller has them already.
+    """
+    if conversational is None:
+        conversational = has_messages(frame)
+    if not conversational:
+        prompts, chosens, rejecteds = (frame[c].to_list() for c in ("prompt", "chosen", "rejected"))
+        return tokenize_pairs(models.tokenizer, prompts, chosens, rejecteds, options.max_length,
+                              options.truncation_mode)
+    prompts, chosens, rejecteds, tools = rows if rows is not None else conversation_rows(frame)
+    try:
+        return tokenize_conversations(models.tokenizer, prompts, chosens, rejecteds, tools, options.max_length,
+                                      options.truncation_mode)
+    except ChatTemplateError as exc:
+        pair = frame["pair_id"][exc.row]
+        raise WinnowError(f"pair {pair[:12]}: {exc} (tokenizer {models.tokenizer_name}; TRL would fail on it too: "
+                          "fix or drop the pair, or use a model whose template accepts it)") from None
+
+
 def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOptions, margin_source: str,
-                progress: bool = False) -> pl.DataFrame:
-    """All statistics of one batch of pairs (columns pair_id, prompt, chosen, rejected, scores)."""
+                progress: bool = False, conversational: bool | None = None) -> pl.DataFrame:
+    """All statistics of one batch of pairs (columns pair_id, prompt, chosen, rejected, scores[, messages]).
+
+    Token statistics and log-probs are of the tokens TRL trains on (:func:`batch_tokens`);
+    character statistics of the texts.
+    """
     prompts, chosens, rejecteds = (frame[c].to_list() for c in ("prompt", "chosen", "rejected"))
-    tokens = tokenize_pairs(models.tokenizer, prompts, chosens, rejecteds, options.max_length, options.truncation_mode)
+    if conversational is None:
+        conversational = has_messages(frame)
+    rows = conversation_rows(frame) if conversational else None
+    tokens = batch_tokens(frame, models, options, conversational, rows)
     parts = [frame.select("pair_id"), text_features(prompts, chosens, rejecteds), token_features(tokens)]
     ref = None
     if models.reference is not None:
@@ -114,8 +187,9 @@ def score_batch(frame: pl.DataFrame, models: ScoringModels, options: ScoreOption
     elif margin_source == "reward-model":
         if models.reward_model is None:
             raise WinnowError("margin source 'reward-model' needs --reward-model PATH")
-        margin = reward_model_margin(models.reward_model, models.reward_tokenizer or models.tokenizer, prompts,
-                                     chosens, rejecteds, max_length=options.max_length, progress=progress)
+        judged = rows[:3] if rows is not None else (prompts, chosens, rejecteds)  # conversations: its own template
+        margin = reward_model_margin(models.reward_model, models.reward_tokenizer or models.tokenizer, *judged,
+                                     max_length=options.max_length, progress=progress)
     elif margin_source == "policy":
         if models.policy is None or ref is None:
             raise WinnowError("margin source 'policy' needs a trained policy and the reference model")
@@ -143,7 +217,7 @@ def export_pairs(catalog: Catalog, run_id: str) -> Path:
     catalog: DuckDB allows one writing process per file, and a scorer holds its input for
     minutes.
     """
-    out = Path(catalog.workdir) / run_id / "pairs.parquet"
+    out = run_dir(catalog.workdir, run_id) / "pairs.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     return export_pairs_parquet(catalog, run_id, out)
 
@@ -172,6 +246,20 @@ def _pair_batches(pairs_path: Path, batch_pairs: int, shard: tuple[int, int] | N
             break
 
 
+def pairs_have_messages(pairs_path: Path) -> bool:
+    """Whether any pair of the exported run is a conversation (then the whole run trains as one).
+
+    Reads the one column batch by batch and stops at the first conversation: memory stays flat.
+    """
+    parquet = open_parquet_stream(pairs_path)
+    if "prompt_messages" not in parquet.schema_arrow.names:
+        return False
+    for batch in parquet.iter_batches(batch_size=65536, columns=["prompt_messages"]):
+        if batch.column(0).null_count < batch.num_rows:
+            return True
+    return False
+
+
 def score_shard(pairs_path: Path, out_dir: Path, models: ScoringModels, options: ScoreOptions, margin_source: str,
                 shard: tuple[int, int] | None = None, progress: bool = True) -> list[Path]:
     """Score one shard (or all pairs) of an exported pairs file into parquet parts; returns their paths."""
@@ -180,12 +268,13 @@ def score_shard(pairs_path: Path, out_dir: Path, models: ScoringModels, options:
     tag = f"shard{shard[0]:04d}of{shard[1]:04d}" if shard else "all"
     for stale in out_dir.glob(f"{tag}-*.parquet"):
         stale.unlink()
+    conversational = pairs_have_messages(Path(pairs_path))
     batches = _pair_batches(Path(pairs_path), options.batch_pairs, shard)
     total = next(batches)
     paths: list[Path] = []
     with progress_bar("score" + (f" [{tag}]" if shard else ""), total=total, unit="pair", enabled=progress) as bar:
         for i, frame in enumerate(batches):
-            scored = score_batch(frame, models, options, margin_source, progress=False)
+            scored = score_batch(frame, models, options, margin_source, progress=False, conversational=conversational)
             path = out_dir / f"{tag}-{i:05d}.parquet"
             tmp = path.with_suffix(".tmp")
             scored.write_parquet(tmp)
@@ -201,7 +290,7 @@ MARGIN_COLUMNS = ("pair_id", "margin_source", "margin", "reward_chosen", "reward
 def score_record(options: ScoreOptions, margin_source: str, models: ScoringModels | None = None, *,
                  tokenizer: str | None = None, reference_model: str | None = None) -> dict[str, Any]:
     """What `runs.config.score` records: the options plus which model made the numbers (the manifest copies it)."""
-    return {**options.to_dict(), "margin_source": margin_source,
+    return {**options.to_dict(), "margin_source": margin_source, "conversations": CONVERSATION_TOKENS,
             "tokenizer": tokenizer or (models.tokenizer_name if models else None),
             "reference_model": reference_model or (models.reference_name if models else None)}
 

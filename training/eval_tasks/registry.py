@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 class EvalData:
     """What one evaluation samples and scores."""
 
-    prompts: list[str]  # prompts to sample policy and reference on
-    pairs: pl.DataFrame  # pairs (prompt, chosen, rejected) to score
+    prompts: list  # prompts to sample policy and reference on: strings, or conversations (message lists)
+    pairs: pl.DataFrame  # pairs (prompt, chosen, rejected; message lists for conversations, maybe tools) to score
     heldout: bool  # True only when neither was ever trained on
+    prompt_tools: list | None = None  # per prompt, the tools its chat template gets (conversations)
 
 
 class EvalTask(Protocol):

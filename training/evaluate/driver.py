@@ -13,6 +13,7 @@ import polars as pl
 
 from curation.jsonable import json_safe
 from curation.lm.logprobs import reference_logprobs
+from training.evaluate.judge import Judge, judge_metrics
 from training.evaluate.metrics import (
     GoldReward,
     gold_rewards,
@@ -101,6 +102,8 @@ def evaluate(
     temperature: float = 1.0,
     batch_size: int = 64,
     low_edit_column: str = "is_low_edit",
+    judge: Judge | None = None,
+    prompt_tools: Sequence[object] | None = None,
 ) -> EvalResult:
     """Compare ``policy`` with ``reference`` on held-out prompts and (optionally) held-out clean pairs.
 
@@ -113,6 +116,11 @@ def evaluate(
     * Pair metrics: log-probs as TRL's DPO computes them at ``max_length``; ``beta`` scales
       the implicit reward (use the training beta); drift on the low-edit subset needs a
       boolean ``low_edit_column`` in ``heldout_pairs``.
+    * ``judge`` (a reward model, :mod:`training.evaluate.judge`): ``judge_reward``,
+      ``judge_reward_ref`` and ``judge_win_rate`` of the same greedy samples.
+
+    Prompts and pairs are strings, or conversations (message lists; ``prompt_tools`` per prompt,
+    a ``tools`` column in ``heldout_pairs``), tokenised through the chat template as TRL does.
     """
     prompts = list(prompts)
     metrics: dict[str, float] = {}
@@ -125,7 +133,8 @@ def evaluate(
         "seed": seed,
         "decoding": "greedy" if greedy else f"sample(T={temperature})",
     }
-    sample_kw = {"greedy": greedy, "temperature": temperature, "seed": seed, "batch_size": batch_size}
+    sample_kw = {"greedy": greedy, "temperature": temperature, "seed": seed, "batch_size": batch_size,
+                 "tools": prompt_tools}
     pad_id = _pad_id(tokenizer)
     samples = pl.DataFrame()
 
@@ -134,7 +143,7 @@ def evaluate(
         ref = sample_tokens(reference, tokenizer, prompts, max_new_tokens, progress=progress, **sample_kw)
         n = len(prompts)
         columns: dict[str, Any] = {
-            "prompt": prompts,
+            "prompt": [p if isinstance(p, str) else json.dumps(p, ensure_ascii=False, default=str) for p in prompts],
             "response": pol.texts,
             "response_ref": ref.texts,
             "tokens": pol.num_tokens,
@@ -160,6 +169,15 @@ def evaluate(
             counts["win_rate"] = n
             details["win_rate"] = {"wins": wins, "ties": ties, "losses": losses}
 
+        if judge is not None:
+            judged, judge_details, j_pol, j_ref = judge_metrics(judge, prompts, pol.texts, ref.texts,
+                                                                 progress=progress)
+            metrics.update(judged)
+            details.update(judge_details)
+            counts.update(dict.fromkeys(judged, n))
+            columns["judge"], columns["judge_ref"] = j_pol, j_ref
+            settings["judge"] = judge.name
+
         # KL(pi || ref): y ~ pi at temperature 1, no truncation of the distribution.
         kl_samples = sample_tokens(
             policy,
@@ -171,6 +189,7 @@ def evaluate(
             seed=seed + 1,
             batch_size=batch_size,
             progress=progress,
+            tools=prompt_tools,
         )
         lp_pol = token_logps(
             policy, kl_samples.prompt_ids, kl_samples.completion_ids, pad_token_id=pad_id, progress=progress
@@ -228,8 +247,9 @@ def _pair_metrics(
     if missing:
         raise ValueError(f"heldout_pairs lacks columns {sorted(missing)}")
     args = (pairs["prompt"].to_list(), pairs["chosen"].to_list(), pairs["rejected"].to_list())
-    pol = reference_logprobs(policy, tokenizer, *args, max_length=max_length, progress=progress)
-    ref = reference_logprobs(reference, tokenizer, *args, max_length=max_length, progress=progress)
+    tools = pairs["tools"].to_list() if "tools" in pairs.columns else None
+    pol = reference_logprobs(policy, tokenizer, *args, tools=tools, max_length=max_length, progress=progress)
+    ref = reference_logprobs(reference, tokenizer, *args, tools=tools, max_length=max_length, progress=progress)
     pi_w, pi_l = pol["ref_chosen_logps"].to_numpy(), pol["ref_rejected_logps"].to_numpy()
     ref_w, ref_l = ref["ref_chosen_logps"].to_numpy(), ref["ref_rejected_logps"].to_numpy()
     margins = implicit_margins(pi_w, ref_w, pi_l, ref_l, beta)
@@ -248,7 +268,7 @@ def _pair_metrics(
     put("chosen_drift", logp_drift(pi_w, ref_w), n)
     put("rejected_drift", logp_drift(pi_l, ref_l), n)
     frame_cols: dict[str, Any] = {
-        "prompt": args[0],
+        "prompt": [p if isinstance(p, str) else json.dumps(p, ensure_ascii=False, default=str) for p in args[0]],
         "logp_chosen": pi_w,
         "logp_rejected": pi_l,
         "ref_logp_chosen": ref_w,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from curation.lm.logprobs import score_tokenized
-from curation.lm.tokenization import TokenizedPairs, tokenize_pairs
+from curation.lm.tokenization import TokenizedPairs, prompt_token_ids, tokenize_pairs
 
 # --------------------------------------------------------------------------------------------------
 # Sampling
@@ -81,7 +81,7 @@ def _special_ids(tokenizer: Any) -> tuple[int, int]:
 def sample_tokens(
     model: Any,
     tokenizer: Any,
-    prompts: Sequence[str],
+    prompts: Sequence[str] | Sequence[list[dict]],
     max_new_tokens: int = 24,
     *,
     greedy: bool = True,
@@ -89,8 +89,12 @@ def sample_tokens(
     seed: int = 0,
     batch_size: int = 64,
     progress: bool = False,
+    tools: Sequence[object] | None = None,
 ) -> Samples:
     """Batched generation with left padding; completions stop at eos.
+
+    Prompts are strings, or conversations (message lists, ``tools`` per prompt) rendered by the
+    chat template with the generation prompt, as TRL builds a prompt's tokens.
 
     Sampling (``greedy=False``) draws from softmax(logits / temperature) with no top-k/top-p
     truncation. Deterministic for a given seed and batch size: the torch RNG is forked, seeded
@@ -106,7 +110,7 @@ def sample_tokens(
         raise ValueError(f"temperature must be positive when sampling, got {temperature}")
     prompts = list(prompts)
     eos_id, pad_id = _special_ids(tokenizer)
-    prompt_ids: list[list[int]] = list(tokenizer(prompts)["input_ids"]) if prompts else []
+    prompt_ids: list[list[int]] = prompt_token_ids(tokenizer, prompts, tools) if prompts else []
     for i, ids in enumerate(prompt_ids):
         if not ids:
             raise ValueError(f"prompt {i} tokenises to nothing; there is no context to generate from")

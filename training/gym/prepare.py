@@ -60,6 +60,7 @@ def prepare_seed(config: GymConfig, seed: int, workdir: Path, heldout_dir: Path)
     import torch
 
     from curation.decide import CurateConfig, curate
+    from curation.heldout import HeldoutConfig
     from curation.ingest import ingest
     from curation.lm.loading import load_model, load_tokenizer, torch_threads
     from curation.reads import curated_pairs, pairs_in_source_order
@@ -94,7 +95,9 @@ def prepare_seed(config: GymConfig, seed: int, workdir: Path, heldout_dir: Path)
     seconds["score"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    curated = curate(catalog, run_id, CurateConfig(stages=StageConfig(k=config.stages), report=False))
+    # no held-out split: the gym evaluates on fresh sorting prompts, and every arm trains on the same pairs
+    curated = curate(catalog, run_id, CurateConfig(stages=StageConfig(k=config.stages), report=False,
+                                                   heldout=HeldoutConfig(share=0.0)))
     seconds["curate"] = time.perf_counter() - tick
 
     frame = curated_pairs(catalog, run_id)
