@@ -12,6 +12,12 @@ What is timed, on the same model object and the same pairs, alternating in one p
 * Winnow: ``score_tokenized(model, tokenized)`` on pairs already tokenised by
   ``tokenize_pairs``. Tokenisation is timed separately on both sides (second table).
 
+Data: ``--data uniform`` (lengths uniform in [min, max] words) or ``--data hh`` (an HH-like
+spread, :func:`benchmarks.common.hh_like_pairs`); ``--conversational`` turns the same pairs into
+TRL's conversational layout (message lists, the tokenizer's chat template on both sides:
+TRL's ``_prepare_dataset`` and Winnow's ``tokenize_conversations``). Target: at least 3x TRL's
+pairs/s (the packed layout as the headline), numbers equal to 1e-4.
+
 Run: ``.venv/bin/python benchmarks/bench_b2_logprobs.py`` (CPU defaults). On a GPU with a
 ~0.5B config in bf16: ``--hidden 896 --layers 24 --heads 14 --kv-heads 2 --intermediate 4864
 --vocab 32000 --pairs 2048 --dtype bf16``.
@@ -99,6 +105,22 @@ def make_pairs(
     return prompts, chosens, rejecteds
 
 
+def as_conversations(
+    prompts: list[str], chosens: list[str], rejecteds: list[str]
+) -> tuple[list[list[dict]], list[list[dict]], list[list[dict]]]:
+    """TRL's conversational layout of the same pairs: HH turns become user/assistant messages."""
+    import re
+
+    def turns(prompt: str) -> list[dict]:
+        parts = re.split(r"\n\n(Human|Assistant): ?", prompt)
+        msgs = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[1::2], parts[2::2], strict=True) if text.strip()]
+        return msgs or [{"role": "user", "content": prompt.strip()}]
+
+    return ([turns(p) for p in prompts], [[{"role": "assistant", "content": c.strip()}] for c in chosens],
+            [[{"role": "assistant", "content": r.strip()}] for r in rejecteds])
+
+
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return describe_machine(("torch", "transformers", "trl", "datasets"), gpu, torch.get_num_threads())
@@ -129,6 +151,10 @@ def row_flops(cfg: LlamaConfig, prompt: int, comp: list[int]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=128)
+    ap.add_argument("--data", choices=["uniform", "hh"], default="uniform", help="length spread of the pairs")
+    ap.add_argument("--scale", type=float, default=1.0, help="--data hh: stretch the lengths")
+    ap.add_argument("--conversational", action="store_true",
+                    help="message lists through the chat template (TRL's conversational layout)")
     ap.add_argument("--min-words", type=int, default=20, help="shortest prompt/response, in words (~tokens)")
     ap.add_argument("--max-words", type=int, default=300)
     ap.add_argument("--hidden", type=int, default=256)
@@ -164,9 +190,34 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     # A third of the vocabulary as distinct words: BPE learns each as one token, so word
     # counts are token counts
-    words = make_words(max(args.vocab // 3, 100), args.seed)
-    tokenizer = build_tokenizer(args.vocab, words, args.seed)
-    prompts, chosens, rejecteds = make_pairs(args.pairs, args.min_words, args.max_words, words, args.seed + 1)
+    if args.data == "hh" or args.conversational:
+        from benchmarks.common import hh_like_pairs
+        from training.models import train_tokenizer
+
+        if args.data == "hh":
+            data = hh_like_pairs(args.pairs, args.seed + 1, vocabulary=max(args.vocab // 3, 100), scale=args.scale)
+            prompts, chosens, rejecteds = data["prompt"], data["chosen"], data["rejected"]
+        else:
+            words = make_words(max(args.vocab // 3, 100), args.seed)
+            prompts, chosens, rejecteds = make_pairs(args.pairs, args.min_words, args.max_words, words, args.seed + 1)
+        # a byte-level BPE with a chat template (winnow-tiny's), trained on the pairs themselves
+        tokenizer = train_tokenizer([*prompts, *chosens, *rejecteds][:6000], args.vocab, model_max_length=1 << 20)
+    else:
+        words = make_words(max(args.vocab // 3, 100), args.seed)
+        tokenizer = build_tokenizer(args.vocab, words, args.seed)
+        prompts, chosens, rejecteds = make_pairs(args.pairs, args.min_words, args.max_words, words, args.seed + 1)
+    tokenize = tokenize_pairs
+    if args.conversational:
+        try:
+            from curation.lm.tokenization import tokenize_conversations
+        except ImportError:
+            print("B2 conversational: not run: curation.lm.tokenization.tokenize_conversations (the chat-template "
+                  "tokenisation) is not on this branch yet")
+            return
+        prompts, chosens, rejecteds = as_conversations(prompts, chosens, rejecteds)
+
+        def tokenize(tok, p, c, r, max_length=None):  # noqa: ANN001, ANN202 - tokenize_pairs' signature
+            return tokenize_conversations(tok, p, c, r, max_length=max_length)
 
     torch.manual_seed(args.seed)
     cfg = LlamaConfig(
@@ -211,7 +262,7 @@ def main() -> None:
             os.remove(cache_file)
         return trainer._precompute_ref_logps(prepared, "bench", args.trl_batch_size)
 
-    tp = tokenize_pairs(tokenizer, prompts, chosens, rejecteds, args.max_length)
+    tp = tokenize(tokenizer, prompts, chosens, rejecteds, args.max_length)
     kept = np.flatnonzero(tp.keep)
     assert len(kept) == len(prepared), "pair filtering differs from TRL"
 
@@ -316,7 +367,8 @@ def main() -> None:
     med_trl = statistics.median(times["TRL precompute"])
     tokens = [len(tp.prompt_ids[i]) for i in kept]
     comp = [int(tp.chosen_lengths[i]) for i in kept] + [int(tp.rejected_lengths[i]) for i in kept]
-    print("## B2: reference log-probs, TRL precompute vs Winnow\n")
+    kind = "conversations (chat template)" if args.conversational else "plain text"
+    print(f"## B2: reference log-probs, TRL precompute vs Winnow, {kind}, {args.data} lengths\n")
     print(f"machine: {machine()}")
     print(
         f"model: Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv), "
@@ -369,7 +421,7 @@ def main() -> None:
         trainer._prepare_dataset(raw, tokenizer, dpo_args, "bench-tok")
         t_trl.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        tokenize_pairs(tokenizer, prompts, chosens, rejecteds, args.max_length)
+        tokenize(tokenizer, prompts, chosens, rejecteds, args.max_length)
         t_ours.append(time.perf_counter() - t0)
     print("\n| tokenisation | s per pass (each round) | pairs/s (median) |")
     print("|---|---|---|")
@@ -377,8 +429,13 @@ def main() -> None:
         f"| TRL `_prepare_dataset` | {', '.join(f'{t:.3f}' for t in t_trl)} | {args.pairs / statistics.median(t_trl):.0f} |"
     )
     print(
-        f"| Winnow `tokenize_pairs` | {', '.join(f'{t:.3f}' for t in t_ours)} | {args.pairs / statistics.median(t_ours):.0f} |"
+        f"| Winnow `{tokenize.__name__ if not args.conversational else 'tokenize_conversations'}` | "
+        f"{', '.join(f'{t:.3f}' for t in t_ours)} | {args.pairs / statistics.median(t_ours):.0f} |"
     )
+    for name, ts in times.items():
+        if name != "TRL precompute":
+            ratio = med_trl / statistics.median(ts)
+            print(f"- {name}: **{ratio:.2f}x** TRL's pairs/s (target >= 3x: {'met' if ratio >= 3 else 'missed'})")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,44 @@
-"""B3: one training epoch of a stage, Winnow (reused reference log-probs) vs TRL (live reference).
+"""B3: the whole path to one trained stage, Winnow against TRL's best setting and TRL's live reference.
 
-Why: an sDPO stage trains against reference log-probs the curation step (stage 1) or the fast
-scorer (later stages) already computed, so ``WinnowDPOTrainer`` runs no reference model at all,
-where TRL's ``DPOTrainer`` with a live reference runs a no-grad reference forward on every
-batch. Target: at most 0.8x TRL's wall time, with an identical loss curve for plain DPO.
+Why: a user who trains DPO with TRL and cares about speed sets ``precompute_ref_log_probs=True``
+(one reference pass, then padded training), so that is the baseline to beat; TRL with a live
+reference model (a no-grad reference forward on every batch) is measured too. Winnow's path is
+curation's reference pass (``tokenize_pairs`` + ``score_tokenized``, whose columns training
+reuses) plus ``WinnowDPOTrainer`` training on padding-free packed rows (``packing="auto"``).
+Target (shared/spec/BENCHMARKS.md): at most 0.5x TRL's best wall time, the same loss curve.
 
-What is timed, alternating A/B/A/B in one process after one untimed warm-up of each:
-* A, TRL: ``DPOTrainer(model, ref_model=copy, precompute_ref_log_probs=False, loss_type=sigmoid)``;
-* B, Winnow: ``WinnowDPOTrainer(model, objective=dpo)`` on the same shard with its
-  ``ref_chosen_logps``/``ref_rejected_logps`` columns (precompute_ref_log_probs=True, as
-  ``training.stages`` configures it);
-the wall time of ``trainer.train()`` for one epoch: same initial weights, pairs, batch size,
-seed (so the same batches in the same order), learning-rate schedule and thread count. Trainer
-construction (tokenising the shard) is timed apart; computing the shard's reference columns is
-curation's cost (B2), reported once for scale. The loss is logged every step and the two
-curves are compared. To explain the ratio, TRL's reference forwards are timed inside its run.
+Arms, each a fresh child process (so peak memory is its own), alternating round by round in a
+rotated order, after one untimed warm-up child of each:
+* ``trl-best``: ``DPOTrainer(precompute_ref_log_probs=True)``: construction (TRL tokenises and
+  runs its precompute pass, timed apart) + ``train()``;
+* ``trl-live``: ``DPOTrainer(ref_model=copy, precompute_ref_log_probs=False)``: construction +
+  ``train()``;
+* ``winnow``: ``tokenize_pairs`` + ``score_tokenized`` (curation's pass) + ``WinnowDPOTrainer``
+  construction (TRL's tokenisation; no reference pass, the columns are there) + ``train()``;
+* ``winnow-padded`` (optional): the same with ``packing="off"``, to separate the two gains.
+Same initial weights, pairs, batch size, seed (same batches in the same order), lr schedule,
+fp32 (bf16 on GPU with --dtype bf16) and thread count. The loss is logged every step.
 
-Run (CPU, the demo-sized shard on the winnow-tiny shape, ~1 min):
-    .venv/bin/python benchmarks/bench_b3_training.py
-A larger CPU model:  ``--hidden 256 --layers 4 --intermediate 688``.
-A curated shard:     ``--shards RUN/shards --stage 1`` (model: the manifest's scoring model).
-GPU, a ~0.5B config in bf16 (reports MFU):
-    .venv/bin/python benchmarks/bench_b3_training.py --device cuda --dtype bf16 --hidden 896 --layers 24 \
-        --heads 14 --kv-heads 2 --intermediate 4864 --vocab 32000 --data words --pairs 2048 \
-        --min-words 64 --max-words 384 --max-length 1024 --batch-size 8
+Reported: wall time of the whole path (and its phases), the ratio against each TRL arm (of
+medians, and the median of the per-round ratios), tokens/s (the epoch's real tokens, TRL's
+sequences without padding, over the whole path), the padding share of TRL's training batches
+and of its precompute pass, the tokens Winnow's packed rows ran, peak memory (RSS of the child;
+on CUDA ``max_memory_allocated``) and, on a GPU, model-FLOPs utilisation.
+
+Run (CPU, two sizes: the winnow-tiny shape and a ~23M model; ~25 min on 2 shared cores):
+    nice -n 5 .venv/bin/python benchmarks/bench_b3_training.py --size tiny --size medium
+GPU, a ~0.5B config in bf16 (see benchmarks/gpu_b2_b3.sh):
+    .venv/bin/python benchmarks/bench_b3_training.py --size 0.5b --device cuda --dtype bf16
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
 import os
-import random
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,305 +47,393 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("HF_DATASETS_CACHE", tempfile.mkdtemp(prefix="winnow_b3_"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import datasets  # noqa: E402
-import polars as pl  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback  # noqa: E402
-from transformers.trainer_callback import PrinterCallback, ProgressCallback  # noqa: E402
-from trl import DPOConfig, DPOTrainer  # noqa: E402
-
-from benchmarks.common import describe_machine  # noqa: E402
-from curation.lm.loading import load_model, load_tokenizer, torch_threads  # noqa: E402
-from curation.lm.logprobs import reference_logprobs  # noqa: E402
-from curation.lm.tokenization import tokenize_pairs  # noqa: E402
-from curation.manifest import ShardManifest  # noqa: E402
-from training.models import train_tokenizer  # noqa: E402
-from training.objectives import Objective  # noqa: E402
-from training.sorting import PreferenceSetConfig, generate_preferences  # noqa: E402
-from training.trainer import REF_COLUMNS, WinnowDPOTrainer  # noqa: E402
-
-datasets.disable_progress_bars()
-transformers.logging.set_verbosity_error()
-
+ARMS = ("trl-best", "trl-live", "winnow", "winnow-padded")
+# Shapes: tiny = winnow-tiny (training/tiny_config.py); medium ~23M params; 0.5b ~Qwen2-0.5B-like
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=4, intermediate=256, vocab=512, pairs=256, scale=0.4,
+                 batch_size=16, max_length=512, lr=5e-4),
+    "medium": dict(hidden=512, layers=6, heads=8, kv_heads=8, intermediate=1376, vocab=8192, pairs=24, scale=0.6,
+                   batch_size=8, max_length=512, lr=1e-4),
+    "0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=32000, pairs=2048, scale=2.0,
+                 batch_size=16, max_length=1024, lr=1e-5),
+}
 # Dense bf16 peak TFLOP/s by card name, for MFU; --peak-tflops overrides
 _PEAK_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
 
-# ------------------------------------------------------------------------------- setup
+# --------------------------------------------------------------------------- preparation
 
 
-def machine(device: torch.device, threads: int) -> str:
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    return describe_machine(("torch", "transformers", "trl", "accelerate", "datasets"), gpu, threads)
+def prepare(size: str, spec: dict[str, Any], out: Path, seed: int) -> dict[str, Any]:
+    """Write the model (random init from a Llama config), its tokenizer and the pairs under ``out``."""
+    import polars as pl
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
 
+    from benchmarks.common import hh_like_pairs
+    from training.models import train_tokenizer
 
-def random_word_pairs(n: int, lo: int, hi: int, seed: int) -> pl.DataFrame:
-    """Pairs of random words, lo..hi words per text (for longer sequences than the sorting task)."""
-    rng = random.Random(seed)
-    words = list({"".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 7))) for _ in range(3000)})
-
-    def text(lead: str = "") -> str:
-        return lead + " ".join(rng.choices(words, k=rng.randint(lo, hi)))
-
-    return pl.DataFrame({"prompt": [text() for _ in range(n)], "chosen": [text(" ") for _ in range(n)],
-                         "rejected": [text(" ") for _ in range(n)]})
-
-
-def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, pl.DataFrame, str]:
-    """(model, tokenizer, shard frame without ref columns, description)."""
-    if args.shards:
-        manifest = ShardManifest.load(Path(args.shards))
-        entry = next(s for s in manifest.stages if s.stage == args.stage)
-        frame = pl.read_parquet(manifest.shard_path(entry))
-        frame = frame.select("prompt", "chosen", "rejected", *[c for c in REF_COLUMNS if c in frame.columns])
-        source = args.model or manifest.reference.model
-        model = load_model(source, device=device, dtype=dtype)
-        args.max_length = manifest.reference.max_length
-        return model, load_tokenizer(source), frame, f"curated shard {manifest.shard_path(entry)}, model {source}"
-    if args.data == "sorting":
-        frame = generate_preferences(PreferenceSetConfig(size=args.pairs, seed=args.seed)).select(
-            "prompt", "chosen", "rejected")
-    else:
-        frame = random_word_pairs(args.pairs, args.min_words, args.max_words, args.seed)
-    texts = [*frame["prompt"], *frame["chosen"], *frame["rejected"]]
-    tokenizer = train_tokenizer(texts, min(args.vocab, 4096), model_max_length=args.max_length or 4096)
-    torch.manual_seed(args.seed)
+    data = hh_like_pairs(spec["pairs"], seed, vocabulary=400 if spec["vocab"] <= 1024 else 3000, scale=spec["scale"])
+    frame = pl.DataFrame(data)
+    texts = [*frame["prompt"][:2000], *frame["chosen"][:2000], *frame["rejected"][:2000]]
+    tokenizer = train_tokenizer(texts, min(spec["vocab"], 8192), model_max_length=1 << 20)
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=max(len(tokenizer), args.vocab),  # a real-sized LM head even when the BPE is smaller
-        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads or args.heads,
-        max_position_embeddings=max(256, args.max_length or 0), tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        attn_implementation="sdpa",
+        vocab_size=max(len(tokenizer), spec["vocab"]), hidden_size=spec["hidden"],
+        intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["kv_heads"], max_position_embeddings=max(1024, spec["max_length"]),
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
-    what = f"{args.data} pairs (generated, seed {args.seed}), random-init Llama from config"
-    return model, tokenizer, frame, what
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    frame.write_parquet(out / "pairs.parquet")
+    return {"params": sum(p.numel() for p in model.parameters())}
 
 
-def dpo_args(args: argparse.Namespace, out: Path, device: torch.device, precompute: bool) -> DPOConfig:
-    """The stage's DPOConfig (training.stages.dpo_config's fields), logging every step."""
-    return DPOConfig(
-        output_dir=str(out), learning_rate=args.lr, num_train_epochs=1, per_device_train_batch_size=args.batch_size,
-        lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=1, max_length=args.max_length,
-        truncation_mode="keep_start", precompute_ref_log_probs=precompute, loss_type=["sigmoid"], beta=0.1,
-        seed=args.seed, bf16=args.dtype == "bf16", use_cpu=device.type != "cuda", gradient_checkpointing=False,
-        save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
-    )
+# ------------------------------------------------------------------------------- one arm
 
 
-class Losses(TrainerCallback):
-    def __init__(self) -> None:
-        self.loss: list[float] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs) -> None:  # noqa: ANN001
-        if logs and "loss" in logs:
-            self.loss.append(float(logs["loss"]))
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-class Timed(torch.nn.Module):
-    """Wraps TRL's reference model to add up the time of its forwards (synchronised on CUDA)."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.module = module
-        self.seconds = 0.0
-
-    def forward(self, *a: Any, **kw: Any) -> Any:
-        sync()
-        start = time.perf_counter()
-        out = self.module(*a, **kw)
-        sync()
-        self.seconds += time.perf_counter() - start
-        return out
+def _cpu_s() -> float:
+    """CPU seconds of this process (user + system): on a shared machine, less noisy than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, result: Path) -> None:
+    """Run one arm in this (fresh) process and write its numbers to ``result``."""
+    import copy
 
+    import datasets
+    import polars as pl
+    import torch
+    import transformers
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from trl import DPOConfig, DPOTrainer
 
-# ------------------------------------------------------------------------------- runs
+    from curation.lm.loading import load_model, load_tokenizer
+    from curation.lm.logprobs import score_tokenized
+    from curation.lm.tokenization import tokenize_pairs
+    from training.objectives import Objective
+    from training.trainer import REF_COLUMNS, WinnowDPOTrainer
 
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(work / "model")
+    base = load_model(work / "model", device=device, dtype=dtype)
+    frame = pl.read_parquet(work / "pairs.parquet")
+    if args.max_steps:
+        frame = frame.head(args.max_steps * spec["batch_size"])
+    columns = [frame[c].to_list() for c in ("prompt", "chosen", "rejected")]
+    losses: list[float] = []
 
-def run_once(kind: str, args: argparse.Namespace, base: Any, tokenizer: Any, plain: Dataset, reused: Dataset,
-             out: Path, device: torch.device, max_steps: int | None = None, time_ref: bool = False) -> dict[str, Any]:
-    losses = Losses()
-    config = dpo_args(args, out, device, precompute=kind == "winnow")
-    if max_steps:
-        config.max_steps = max_steps
+    class Losses(TrainerCallback):
+        def on_log(self, a, state, control, logs=None, **kw) -> None:  # noqa: ANN001
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    def config(precompute: bool) -> DPOConfig:
+        return DPOConfig(
+            output_dir=str(work / f"out-{arm}"), learning_rate=spec["lr"], num_train_epochs=1,
+            per_device_train_batch_size=spec["batch_size"], lr_scheduler_type="linear", warmup_steps=0.1,
+            logging_steps=1, max_length=spec["max_length"], truncation_mode="keep_start",
+            precompute_ref_log_probs=precompute, loss_type=["sigmoid"], beta=0.1, seed=args.seed,
+            bf16=args.dtype == "bf16", use_cpu=device.type != "cuda", gradient_checkpointing=False,
+            save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0,
+        )
+
+    class Counting:
+        """TRL's collator, counting the tokens of the padded batches it builds."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.padded, self.real = inner, 0, 0
+
+        def __call__(self, examples: list[dict]) -> dict:
+            out = self.inner(examples)
+            self.padded += out["input_ids"].numel()
+            self.real += int(out["attention_mask"].sum())
+            return out
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    phases: dict[str, float] = {}
+    stats: dict[str, Any] = {"arm": arm}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    stats["rss_before_mb"] = _rss_mb()
     sync()
-    start = time.perf_counter()
-    if kind == "trl":
-        trainer = DPOTrainer(model=copy.deepcopy(base), ref_model=copy.deepcopy(base), args=config,
-                             train_dataset=plain, processing_class=tokenizer, callbacks=[losses])
+    cpu0 = _cpu_s()
+    t0 = time.perf_counter()
+    if arm.startswith("trl"):
+        precompute = arm == "trl-best"
+
+        class TimedDPOTrainer(DPOTrainer):
+            def _precompute_ref_logps(self, dataset, name, batch_size):  # noqa: ANN001, ANN202
+                sync()
+                start = time.perf_counter()
+                out = super()._precompute_ref_logps(dataset, name, batch_size)
+                sync()
+                phases["reference pass"] = time.perf_counter() - start
+                return out
+
+        dataset = Dataset.from_dict({"prompt": columns[0], "chosen": columns[1], "rejected": columns[2]})
+        ref = None if precompute else copy.deepcopy(base)
+        trainer = TimedDPOTrainer(model=base, ref_model=ref, args=config(precompute), train_dataset=dataset,
+                                  processing_class=tokenizer, callbacks=[Losses()])
+        sync()
+        phases["trainer init (tokenise)"] = time.perf_counter() - t0 - phases.get("reference pass", 0.0)
     else:
-        trainer = WinnowDPOTrainer(model=copy.deepcopy(base), args=config, train_dataset=reused,
-                                   processing_class=tokenizer, callbacks=[losses], objective=Objective.from_preset("dpo"))
-    init_s = time.perf_counter() - start
-    trainer.remove_callback(PrinterCallback)  # no per-step dict printing in either run
+        tokens = tokenize_pairs(tokenizer, *columns, spec["max_length"], "keep_start")
+        phases["tokenise"] = time.perf_counter() - t0
+        start = time.perf_counter()
+        ref = score_tokenized(base, tokens, progress=False).select(REF_COLUMNS)
+        sync()
+        phases["reference pass"] = time.perf_counter() - start
+        start = time.perf_counter()
+        shard = frame.hstack(ref).drop_nulls(REF_COLUMNS)
+        dataset = Dataset.from_polars(shard)
+        trainer = WinnowDPOTrainer(model=base, args=config(True), train_dataset=dataset, processing_class=tokenizer,
+                                   callbacks=[Losses()], objective=Objective.from_preset("dpo"),
+                                   packing="off" if arm == "winnow-padded" else args.winnow_packing)
+        stats["packing"] = trainer.packing.reason
+        sync()
+        phases["trainer init (tokenise)"] = time.perf_counter() - start
+    trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    timer = None
-    if time_ref and kind == "trl":
-        timer = Timed(trainer.ref_model)
-        trainer.ref_model = timer
+    counting = Counting(trainer.data_collator)
+    trainer.data_collator = counting
     sync()
     start = time.perf_counter()
     trainer.train()
     sync()
-    train_s = time.perf_counter() - start
-    steps = trainer.state.global_step
-    del trainer
-    gc.collect()
+    phases["train"] = time.perf_counter() - start
+    stats["total_s"] = time.perf_counter() - t0
+    stats["cpu_s"] = _cpu_s() - cpu0
+    stats.update(phases=phases, loss=losses, steps=trainer.state.global_step, batch_tokens_padded=counting.padded,
+                 batch_tokens_real=counting.real)
+    # tokens the policy's forwards ran: the packed rows, or TRL's padded batches
+    stats["tokens_run"] = trainer.packing_tokens["packed"] if arm == "winnow" else counting.padded
+    stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"kind": kind, "init_s": init_s, "train_s": train_s, "steps": steps, "loss": losses.loss,
-            "ref_s": timer.seconds if timer else None}
+        stats["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    result.write_text(json.dumps(stats))
 
 
-def epoch_tokens(tokenizer: Any, frame: pl.DataFrame, max_length: int | None) -> tuple[int, int]:
-    """(tokens the policy sees per epoch, completion tokens): prompt+chosen and prompt+rejected, truncated as TRL."""
-    tp = tokenize_pairs(tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(), frame["rejected"].to_list(),
-                        max_length, "keep_start")
-    kept = tp.keep
-    prompt = tp.prompt_lengths[kept].astype(int)
-    comp = tp.chosen_lengths[kept].astype(int) + tp.rejected_lengths[kept].astype(int)
-    return int(2 * prompt.sum() + comp.sum()), int(comp.sum())
+# ---------------------------------------------------------------------------------- report
 
 
-def forward_flops(config: Any, tokens: int, completion: int) -> float:
-    """Forward FLOPs of an epoch: 2 x the layers' matmul parameters per token, plus the LM head on the
-    completion tokens only (TRL's fused head scores just those on GPUs). Attention scores are left out
-    (a few % at these lengths), so the MFU is a slight underestimate."""
-    d, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
-    return 2.0 * (tokens * layers * layer + completion * d * config.vocab_size)
+def epoch_stats(work: Path, spec: dict[str, Any], max_steps: int | None) -> dict[str, Any]:
+    """Token counts of the epoch (TRL's sequences), the padding of TRL's precompute pass, length spread."""
+    import numpy as np
+    import polars as pl
+
+    from curation.lm.loading import load_tokenizer
+    from curation.lm.tokenization import tokenize_pairs
+
+    frame = pl.read_parquet(work / "pairs.parquet")
+    if max_steps:
+        frame = frame.head(max_steps * spec["batch_size"])
+    tp = tokenize_pairs(load_tokenizer(work / "model"), frame["prompt"].to_list(), frame["chosen"].to_list(),
+                        frame["rejected"].to_list(), spec["max_length"], "keep_start")
+    k = tp.keep
+    p = np.minimum(tp.prompt_lengths, spec["max_length"])[k]
+    c, r = tp.chosen_lengths[k], tp.rejected_lengths[k]
+    seq = np.concatenate([p + c, p + r])
+    # TRL's precompute pass: batches of batch_size pairs in dataset order, padded to their longest
+    b = spec["batch_size"]
+    padded = sum(2 * len(p[i:i + b]) * int(max((p + c)[i:i + b].max(), (p + r)[i:i + b].max()))
+                 for i in range(0, len(p), b))
+    real = int(seq.sum())
+    return {"pairs": int(k.sum()), "real_tokens": real, "completion_tokens": int(c.sum() + r.sum()),
+            "precompute_padding": 1 - real / padded,
+            "prompt_pct": np.percentile(tp.prompt_lengths[k], [0, 50, 90, 100]).astype(int).tolist(),
+            "completion_pct": np.percentile(np.concatenate([c, r]), [0, 50, 90, 100]).astype(int).tolist(),
+            "truncated": float((tp.chosen_truncated | tp.rejected_truncated)[k].mean())}
+
+
+def train_flops(spec: dict[str, Any], vocab: int, real: int, completion: int) -> float:
+    """Model FLOPs of one epoch's training (forward + backward = 3x forward) on the real tokens;
+    the LM head counted on completion tokens only, attention scores left out (an underestimate)."""
+    d, kv = spec["hidden"], spec["kv_heads"] * (spec["hidden"] // spec["heads"])
+    layer = 2 * d * d + 2 * d * kv + 3 * d * spec["intermediate"]
+    return 3 * 2.0 * (real * spec["layers"] * layer + completion * d * vocab)
+
+
+def report(size: str, spec: dict[str, Any], params: int, ep: dict[str, Any], runs: list[dict[str, Any]],
+           args: argparse.Namespace, machine: str) -> dict[str, Any]:
+    by = {a: [r for r in runs if r["arm"] == a] for a in args.arm}
+    med = {a: statistics.median(r["total_s"] for r in rs) for a, rs in by.items()}
+    rounds = len(by[args.arm[0]])
+    lines = [f"\n**B3, {size}**: Llama {spec['layers']} layers x {spec['hidden']} (ffn {spec['intermediate']}, vocab "
+             f"{spec['vocab']}, {spec['heads']}/{spec['kv_heads']} heads), {params / 1e6:.2f} M params, {args.dtype} on "
+             f"{args.device}, {args.threads} torch thread(s). {ep['pairs']} HH-like pairs (prompt tokens min/median/"
+             f"p90/max {ep['prompt_pct']}, completions {ep['completion_pct']}; max_length {spec['max_length']} "
+             f"keep_start cuts {100 * ep['truncated']:.0f}% of pairs), batch {spec['batch_size']} pairs, "
+             f"{by[args.arm[0]][0]['steps']} steps, lr {spec['lr']} linear, seed {args.seed}. {rounds} rounds, "
+             f"arms alternating in rotated order, each a fresh process, after an untimed warm-up of each.\n",
+             f"Machine: {machine}\n",
+             "| arm | whole path s (median) | rounds | CPU s (median) | phases s (median) | tokens/s | tokens run / "
+             "real | padding share | peak memory MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    flops = train_flops(spec, spec["vocab"], ep["real_tokens"], ep["completion_tokens"])
+    for arm, rs in by.items():
+        phase_names = list(rs[0]["phases"])
+        phases = ", ".join(f"{k} {statistics.median(r['phases'][k] for r in rs):.2f}" for k in phase_names)
+        each = ", ".join(f"{r['total_s']:.1f}" for r in rs)
+        run = statistics.median(r["tokens_run"] for r in rs)
+        if arm.startswith("trl"):
+            pad = statistics.median(1 - r["batch_tokens_real"] / r["batch_tokens_padded"] for r in rs)
+            padding = f"{100 * pad:.0f}% train" + (f", {100 * ep['precompute_padding']:.0f}% precompute"
+                                                   if arm == "trl-best" else "")
+        else:
+            padding = "0% train" if "packed" in rs[0].get("packing", "") else \
+                f"{100 * statistics.median(1 - r['batch_tokens_real'] / r['batch_tokens_padded'] for r in rs):.0f}% train"
+        mem = statistics.median(r.get("peak_cuda_mb", r["peak_rss_mb"]) for r in rs)
+        base = statistics.median(r["rss_before_mb"] for r in rs)
+        memtxt = f"{mem:.0f}" + ("" if "peak_cuda_mb" in rs[0] else f" (RSS; {base:.0f} after loading)")
+        mfu = ""
+        if args.device == "cuda" and args.peak:
+            t = statistics.median(r["phases"]["train"] for r in rs)
+            mfu = f"; train MFU {100 * flops / t / (args.peak * 1e12):.1f}%"
+        cpu = statistics.median(r["cpu_s"] for r in rs)
+        lines.append(f"| {arm} | {med[arm]:.2f} | {each} | {cpu:.1f} | {phases}{mfu} | {ep['real_tokens'] / med[arm]:.0f} | "
+                     f"{run / ep['real_tokens']:.2f} | {padding} | {memtxt} |")
+    out: dict[str, Any] = {"size": size, "medians": med, "runs": runs, "epoch": ep, "params": params}
+    lines.append("")
+    for target in ("trl-best", "trl-live"):
+        if "winnow" not in by or target not in by:
+            continue
+        ratio = med["winnow"] / med[target]
+        paired = statistics.median(w["total_s"] / t["total_s"] for w, t in zip(by["winnow"], by[target], strict=True))
+        cpu = statistics.median(w["cpu_s"] / t["cpu_s"] for w, t in zip(by["winnow"], by[target], strict=True))
+        goal = "; target <= 0.5x: " + ("met" if ratio <= 0.5 else "missed") if target == "trl-best" else ""
+        lines.append(f"- **Winnow / {target}: {ratio:.3f}x** wall (ratio of medians{goal}); per round "
+                     f"{paired:.3f}x (median); CPU time {cpu:.3f}x.")
+        out[f"ratio_{target}"] = ratio
+    if "winnow" in by and "winnow-padded" in by:
+        lines.append(f"- Packing alone (Winnow packed / Winnow padded, training phase): "
+                     f"{statistics.median(r['phases']['train'] for r in by['winnow']) / statistics.median(r['phases']['train'] for r in by['winnow-padded']):.3f}x.")
+    if "winnow" in by:
+        lines.append(f"- Winnow's training: {by['winnow'][0].get('packing', '?')}.")
+    if "trl-best" in by and "winnow" in by:
+        diff = max(abs(a - b) for w, t in zip(by["winnow"], by["trl-best"], strict=True)
+                   for a, b in zip(w["loss"], t["loss"], strict=True))
+        n = len(by["trl-best"][0]["loss"])
+        lines.append(f"- Loss curves ({n} logged steps): max |loss_TRL-best - loss_Winnow| = {diff:.2e}.")
+        out["curve_diff"] = diff
+    if "trl-best" in by and "trl-live" in by:
+        diff = max(abs(a - b) for w, t in zip(by["trl-live"], by["trl-best"], strict=True)
+                   for a, b in zip(w["loss"], t["loss"], strict=True))
+        lines.append(f"- TRL live vs TRL best loss curves: max diff {diff:.2e}.")
+    print("\n".join(lines), flush=True)
+    return out
+
+
+def machine_line(args: argparse.Namespace) -> str:
+    import torch
+
+    from benchmarks.common import describe_machine
+
+    gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none"
+    load = os.getloadavg()
+    return (describe_machine(("torch", "transformers", "trl", "accelerate", "datasets"), gpu, args.threads)
+            + f"; load average at start {load[0]:.1f} (shared machine)")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--pairs", type=int, default=1200, help="shard size (the demo's stages hold ~1180)")
-    ap.add_argument("--data", choices=["sorting", "words"], default="sorting",
-                    help="sorting: the demo's synthetic task; words: random words, --min/--max-words long")
-    ap.add_argument("--min-words", type=int, default=64)
-    ap.add_argument("--max-words", type=int, default=384)
-    ap.add_argument("--shards", default=None, help="a curated shards/ folder: time its --stage instead")
-    ap.add_argument("--stage", type=int, default=1)
-    ap.add_argument("--model", default=None, help="with --shards: model path (default: the manifest's)")
-    ap.add_argument("--hidden", type=int, default=128, help="defaults: the winnow-tiny shape")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=None)
-    ap.add_argument("--intermediate", type=int, default=256)
-    ap.add_argument("--vocab", type=int, default=512)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=16, help="per device (TrainConfig's default)")
-    ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--repeats", type=int, default=3, help="timed epochs of each, alternating")
-    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: bf16 weights + autocast")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 below width 256, as stages)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card, for MFU")
-    ap.add_argument("--json", default=None, help="also write the raw numbers here")
+    ap.add_argument("--size", action="append", choices=sorted(SIZES), help="model size(s); default tiny")
+    ap.add_argument("--arm", action="append", choices=ARMS, help=f"arms (default: {', '.join(ARMS[:3])})")
+    ap.add_argument("--pairs", type=int, default=None, help="override the size's number of pairs")
+    ap.add_argument("--max-steps", type=int, default=None, help="only the first N batches' pairs (smoke runs)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, as training "
+                                                              "uses at width <= 256; all cores above)")
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--winnow-packing", choices=["auto", "on"], default="auto",
+                    help="the winnow arm's packing (on: also on CUDA without flash-attn)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-size", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.size = args.size or ["tiny"]
+    args.arm = args.arm or list(ARMS[:3])
+    import torch
 
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    base, tokenizer, frame, what = build(args, device, dtype)
-    width = base.config.get_text_config().hidden_size
-    threads = args.threads or (torch.get_num_threads() if device.type == "cuda" or width > 256 else 1)
-    work = Path(tempfile.mkdtemp(prefix="winnow_b3_run_"))
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.child:
+        spec = dict(SIZES[args.child_size])
+        if args.pairs:
+            spec["pairs"] = args.pairs
+        child(args.child, Path(args.workdir), spec, args, Path(args.child_out))
+        return
 
-    with torch_threads(threads):
-        score_s = None
-        if not set(REF_COLUMNS) <= set(frame.columns):  # a curated stage-1 shard carries them already
-            start = time.perf_counter()
-            ref = reference_logprobs(base, tokenizer, frame["prompt"].to_list(), frame["chosen"].to_list(),
-                                     frame["rejected"].to_list(), max_length=args.max_length, progress=False)
-            score_s = time.perf_counter() - start
-            frame = frame.hstack(ref.select(REF_COLUMNS))
-        frame = frame.drop_nulls(REF_COLUMNS)  # pairs TRL drops (prompt fills max_length) have none
-        plain = Dataset.from_polars(frame.drop(REF_COLUMNS))
-        reused = Dataset.from_polars(frame)
-        # warm-up (imports, allocator, kernels): a few steps of each, untimed
-        for kind in ("trl", "winnow"):
-            run_once(kind, args, base, tokenizer, plain, reused, work / f"warm-{kind}", device, max_steps=3)
-        runs: list[dict[str, Any]] = []
-        for r in range(args.repeats):
-            for kind in ("trl", "winnow"):
-                runs.append(run_once(kind, args, base, tokenizer, plain, reused, work / f"{kind}-{r}", device,
-                                     time_ref=True))
-                print(f"  {kind:6s} epoch {r + 1}: {runs[-1]['train_s']:.2f} s", file=sys.stderr)
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="winnow_b3_"))
+    results = []
+    for size in args.size:
+        spec = dict(SIZES[size])
+        if args.pairs:
+            spec["pairs"] = args.pairs
+        if args.threads is None:
+            args.threads = 1 if args.device == "cpu" and spec["hidden"] <= 256 else (os.cpu_count() or 1)
+        work = root / size
+        params = prepare(size, spec, work, args.seed)["params"]
+        if args.device == "cuda":
+            name = torch.cuda.get_device_name(0)
+            args.peak = args.peak_tflops or next((v for k, v in _PEAK_BF16.items() if k in name), None)
+        else:
+            args.peak = None
 
-    trl_runs = [x for x in runs if x["kind"] == "trl"]
-    win_runs = [x for x in runs if x["kind"] == "winnow"]
-    t_trl = statistics.median(x["train_s"] for x in trl_runs)
-    t_win = statistics.median(x["train_s"] for x in win_runs)
-    ratio = t_win / t_trl
-    paired = statistics.median(w["train_s"] / t["train_s"] for t, w in zip(trl_runs, win_runs, strict=True))
-    ref_share = statistics.median(x["ref_s"] / x["train_s"] for x in trl_runs)
-    steps = trl_runs[0]["steps"]
-    assert all(x["steps"] == steps for x in runs)
-    curve_diff = max(abs(a - b) for t, w in zip(trl_runs, win_runs, strict=True)
-                     for a, b in zip(t["loss"], w["loss"], strict=True))
-    curve_len = {len(x["loss"]) for x in runs}
-    repeat_diff = max((abs(a - b) for x in trl_runs[1:] for a, b in zip(x["loss"], trl_runs[0]["loss"], strict=True)),
-                      default=0.0)
+        def launch(arm: str, tag: str, steps: int | None = None, work: Path = work, size: str = size) -> dict[str, Any]:
+            out = work / f"{tag}-{arm}.json"
+            cmd = [sys.executable, __file__, "--child", arm, "--child-size", size, "--child-out", str(out),
+                   "--workdir", str(work), "--device", args.device, "--dtype", args.dtype,
+                   "--threads", str(args.threads), "--seed", str(args.seed), "--winnow-packing", args.winnow_packing]
+            if args.pairs:
+                cmd += ["--pairs", str(args.pairs)]
+            if steps or args.max_steps:
+                cmd += ["--max-steps", str(steps or args.max_steps)]
+            env = dict(os.environ, HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="winnow_b3_ds_"))
+            subprocess.run(cmd, check=True, env=env)
+            return json.loads(out.read_text())
 
-    tokens, completion = epoch_tokens(tokenizer, frame, args.max_length)
-    cfg = base.config.get_text_config()
-    n_params = sum(p.numel() for p in base.parameters())
-    fwd = forward_flops(cfg, tokens, completion)
-    flops_win, flops_trl = 3 * fwd, 4 * fwd  # policy forward+backward; TRL adds a reference forward
-    peak = args.peak_tflops
-    if peak is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(0)
-        peak = next((v for k, v in _PEAK_BF16.items() if k in name), None)
-
-    def mfu(flops: float, seconds: float) -> str:
-        if device.type != "cuda" or not peak:
-            return "n/a (CPU)" if device.type != "cuda" else "n/a (unknown peak)"
-        return f"{100 * flops / seconds / (peak * 1e12):.1f}%"
-
-    print(f"\n**B3, one epoch of one stage** ({what})\n")
-    print(f"Machine: {machine(device, threads)}\n")
-    print(f"Model: Llama {cfg.num_hidden_layers} layers x {cfg.hidden_size} (ffn {cfg.intermediate_size}, vocab "
-          f"{cfg.vocab_size}), {n_params / 1e6:.2f} M params, {args.dtype} on {device.type}. Shard: {frame.height} "
-          f"pairs, {tokens} tokens per epoch ({completion} completion), batch {args.batch_size} pairs -> {steps} "
-          f"steps, max_length {args.max_length}, lr {args.lr} linear, seed {args.seed}. "
-          f"Timed: trainer.train(), {args.repeats} alternating runs each after a warm-up; median.\n")
-    print("| trainer | reference | epoch wall s (median) | runs | steps/s | pairs/s | trainer init s | MFU |")
-    print("|---|---|---|---|---|---|---|---|")
-    for label, refdesc, rs, t, fl in (
-        ("TRL DPOTrainer (sigmoid)", "live model, no-grad forward per batch", trl_runs, t_trl, flops_trl),
-        ("WinnowDPOTrainer (dpo)", "shard's ref_*_logps columns", win_runs, t_win, flops_win),
-    ):
-        each = ", ".join(f"{x['train_s']:.2f}" for x in rs)
-        print(f"| {label} | {refdesc} | {t:.2f} | {each} | "
-              f"{steps / t:.1f} | {frame.height / t:.0f} | {statistics.median(x['init_s'] for x in rs):.2f} | "
-              f"{mfu(fl, t)} |")
-    verdict = "met" if ratio <= 0.8 else "missed"
-    print(f"\n- **Winnow / TRL wall time: {ratio:.3f}x** (ratio of medians; target <= 0.8x: {verdict}); median of "
-          f"the {len(trl_runs)} back-to-back pairs' ratios: {paired:.3f}x.")
-    print(f"- Reference forwards inside TRL's epoch: {100 * ref_share:.1f}% of its wall time (median), so removing "
-          f"them alone predicts {1 - ref_share:.3f}x.")
-    print(f"- Loss curves ({curve_len.pop() if len(curve_len) == 1 else curve_len} logged steps): "
-          f"max |loss_TRL - loss_Winnow| = {curve_diff:.2e}; TRL run-to-run: {repeat_diff:.2e}.")
-    if score_s is None:
-        print("- Reference columns: the curated shard's own (computed during curation).")
-    else:
-        print(f"- Computing the shard's reference columns (curation's fast scorer, once, B2): {score_s:.2f} s.")
+        for arm in args.arm:  # warm-up (page cache, .pyc, allocator): one step of each, untimed
+            launch(arm, "warm", 1)
+        runs = []
+        for r in range(args.rounds):
+            order = args.arm[r % len(args.arm):] + args.arm[: r % len(args.arm)]
+            for arm in order:
+                runs.append(launch(arm, f"round{r}"))
+                print(f"  {size} round {r + 1} {arm:14s} {runs[-1]['total_s']:.2f} s", file=sys.stderr, flush=True)
+        ep = epoch_stats(work, spec, args.max_steps)
+        results.append(report(size, spec, params, ep, runs, args, machine_line(args)))
+        args.threads = None if "--threads" not in sys.argv else args.threads
     if args.json:
-        Path(args.json).write_text(json.dumps({"ratio": ratio, "paired_ratio": paired, "ref_share": ref_share, "curve_diff": curve_diff,
-                                               "runs": runs, "score_s": score_s, "tokens": tokens}, indent=1))
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

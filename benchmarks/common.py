@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-__all__ = ["cpu_model", "describe_machine", "usable_cores"]
+__all__ = ["cpu_model", "describe_machine", "hh_like_pairs", "usable_cores"]
 
 
 def cpu_model() -> str:
@@ -43,3 +43,37 @@ def describe_machine(packages: Sequence[str], gpu: str = "none", torch_threads: 
     libs = ", ".join(f"{p} {_version(p)}" for p in packages)
     return (f"{os.cpu_count()} cores ({usable_cores()} usable{threads}), CPU {cpu_model()}, {ram:.0f} GiB RAM, "
             f"GPU {gpu}; python {platform.python_version()}, {libs}")
+
+
+def hh_like_pairs(n: int, seed: int, vocabulary: int = 400, scale: float = 1.0) -> dict[str, list[str]]:
+    """Preference pairs with an Anthropic-HH-like length spread, generated (no download).
+
+    Prompts are 1-3 ``Human:``/``Assistant:`` turns; prompt and response lengths are log-normal
+    (medians ~70 and ~45 words, long tails), clipped to 3-600 and 2-400 words, so a batch mixes
+    a few tokens with several hundred, as HH does. ``vocabulary`` distinct short words keep one
+    word near one BPE token once the tokenizer is trained on them. ``scale`` stretches lengths.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    words = sorted({"".join(rng.choice(letters, rng.integers(2, 7))) for _ in range(vocabulary * 2)})[:vocabulary]
+    words = np.array(words)
+    prompt_len = np.clip(rng.lognormal(np.log(70 * scale), 0.9, n), 3, 600).astype(int)
+    chosen_len = np.clip(rng.lognormal(np.log(45 * scale), 0.9, n), 2, 400).astype(int)
+    rejected_len = np.clip(rng.lognormal(np.log(45 * scale), 0.9, n), 2, 400).astype(int)
+    turns = rng.integers(1, 4, n)
+
+    def text(k: int) -> str:
+        return " ".join(words[rng.integers(0, len(words), k)])
+
+    prompts = []
+    for k, t in zip(prompt_len.tolist(), turns.tolist(), strict=True):
+        t = min(t, max(1, k // 2))  # 2t-1 turns (Human first and last), each at least a word
+        cuts = np.sort(rng.choice(np.arange(1, k), 2 * t - 2, replace=False)) if t > 1 else np.array([], int)
+        parts = np.diff(np.concatenate([[0], cuts, [k]])).tolist()
+        prompt = "".join(f"\n\n{'Human' if i % 2 == 0 else 'Assistant'}: {text(max(w, 1))}"
+                         for i, w in enumerate(parts))
+        prompts.append(prompt + "\n\nAssistant:")
+    return {"prompt": prompts, "chosen": [" " + text(k) for k in chosen_len.tolist()],
+            "rejected": [" " + text(k) for k in rejected_len.tolist()]}

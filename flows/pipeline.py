@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -78,8 +78,30 @@ def make_task_runner(name: str, workers: int = 2):  # noqa: ANN201 - a Prefect T
             from prefect_ray import RayTaskRunner
         except ImportError:
             raise WinnowError("the ray task runner needs the extra: pip install 'winnow[ray]'") from None
-        return RayTaskRunner()
+        # A Ray instance already started in this process (or RAY_ADDRESS) is used as it is; else a
+        # local one with every CPU and GPU of the machine. Shards request their own resources
+        # (scoring_resources), so `workers` does not cap a cluster.
+        return RayTaskRunner(init_kwargs={"include_dashboard": False})
     raise WinnowError(f"unknown task runner {name!r}: threads, processes, dask or ray")
+
+
+def scoring_resources() -> AbstractContextManager[Any]:
+    """Per-task resource requests for the scoring shards, on a Ray task runner (else nothing).
+
+    Each shard asks for one CPU, and one GPU when the cluster has GPUs: Ray then runs as many
+    shards at once as there are GPUs, each seeing only its own (CUDA_VISIBLE_DEVICES), and
+    queues the rest. Other runners place tasks by worker count.
+    """
+    from prefect.context import FlowRunContext
+
+    runner = getattr(FlowRunContext.get(), "task_runner", None)
+    if type(runner).__name__ != "RayTaskRunner":
+        return nullcontext()
+    import ray
+    from prefect_ray.context import remote_options
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return remote_options(num_cpus=1, num_gpus=1 if gpus >= 1 else 0)
 
 
 class _Steps:
@@ -162,9 +184,10 @@ def _curate(steps: _Steps, refresh: bool = False) -> dict[str, Any]:
     model_path = steps.run("build-model", tasks.model_task, config=config, run_id=run_id)
     exported = steps.run("export-pairs", tasks.export_task, config=config, run_id=run_id)
     n = max(1, config.score_shards)
-    shard_parts = steps.fan_out("score-shard", tasks.score_shard_task,
-                                [{"config": config, **exported, "model_path": model_path, "shard": (i, n)}
-                                 for i in range(n)])
+    with scoring_resources():
+        shard_parts = steps.fan_out("score-shard", tasks.score_shard_task,
+                                    [{"config": config, **exported, "model_path": model_path, "shard": (i, n)}
+                                     for i in range(n)])
     parts = sorted(p for part in shard_parts for p in part)
     scored = steps.run("score", tasks.load_scores_task, config=config, run_id=run_id, parts=parts,
                        margin_source=exported["margin_source"], model_path=model_path)

@@ -35,6 +35,10 @@ class TrainConfig:
     lora: bool = setting(False, help="Train LoRA adapters (merged after every stage).")
     lora_r: int = setting(16, help="LoRA rank.")
     lora_alpha: int = setting(32, help="LoRA alpha.")
+    packing: str = setting("auto", help="auto|on|off: train on padding-free packed rows (chosen and rejected share "
+                                        "the prompt; loss and gradients equal the padded ones). auto: on where exact "
+                                        "and faster (CPU; CUDA with flash-attn), the choice logged; on: fail where "
+                                        "not exact.")
     reuse_reference_logps: bool = setting(True, help="Stage 1 reuses curation's reference log-probs when they match.")
     max_stages: int | None = setting(None, help="Train only the first N stages.")
     report_to: str | list[str] = setting("none", help="Trackers TRL logs every training step to, as DPOConfig's "

@@ -177,6 +177,7 @@ def train_stage(
         processing_class=tokenizer,
         peft_config=peft_config,
         objective=objective,
+        packing=config.packing,
         callbacks=[recorder, StepProgress(f"train stage {stage} ({objective.name})", enabled=progress), *callbacks],
     )
     _quiet_and_tracked(trainer, stage_dir / TRACKER_LOGS)

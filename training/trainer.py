@@ -7,12 +7,18 @@ Two seams, both as narrow as TRL 1.x allows:
 - `_precompute_ref_logps`: a dataset that already carries `ref_chosen_logps` /
   `ref_rejected_logps` (computed during curation, or by the fast scorer between sDPO stages)
   is used as it is, so no reference forward pass runs at all during training.
+
+Packing (`packing="auto"|"on"|"off"`, see `training.packing`): the policy forward runs on TRL's
+padded batch re-laid as one unpadded row (`_policy_logps`); collation, the reference path and
+everything after the log-probs are unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,17 +30,24 @@ from trl import DPOTrainer
 from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
 from curation.progress import Bar, open_bar
 from training.objectives import Objective
+from training.packing import PackingChoice, choose_packing, pack_batch, packed_logps
 
 _NON_MODEL_KEYS = {"completion_mask", *REF_COLUMNS}
 OBJECTIVE_STATE_FILE = "winnow_objective.json"
+logger = logging.getLogger(__name__)
 
 
 class WinnowDPOTrainer(DPOTrainer):
     """DPOTrainer whose loss is `objective.loss`; all other TRL behaviour is unchanged."""
 
-    def __init__(self, *args: Any, objective: Objective, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, objective: Objective, packing: str = "auto", **kwargs: Any) -> None:
         self.objective = objective
+        self.packing = PackingChoice(False, "not chosen yet")  # TRL's constructor runs forwards (precompute)
+        # for reports: "packed": tokens of the packed rows (packing off: the batches' real tokens);
+        # "padded": tokens of TRL's padded batches; their ratio is the padding packing removes
+        self.packing_tokens = {"packed": 0, "padded": 0}
         super().__init__(*args, **kwargs)
+        self.packing = self._choose_packing(packing)
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):  # noqa: ANN001 - datasets.Dataset
         if set(REF_COLUMNS) <= set(dataset.column_names):
@@ -43,13 +56,8 @@ class WinnowDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs: dict[str, torch.Tensor], return_outputs: bool):  # noqa: ANN001
         mode = "train" if self.model.training else "eval"
-        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
-        model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        seq_len = completion_mask.size(1) - 1
-        chosen_logps, rejected_logps = outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0)
+        chosen_logps, rejected_logps, outputs = self._policy_logps(model, inputs)
 
         if "ref_chosen_logps" in inputs:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -71,6 +79,64 @@ class WinnowDPOTrainer(DPOTrainer):
         )
         self._log_stats(mode, stats, chosen_logps.detach(), rejected_logps.detach())
         return (loss, outputs) if return_outputs else loss
+
+    def _policy_logps(self, model, inputs: dict[str, torch.Tensor]):  # noqa: ANN001, ANN202
+        """(chosen, rejected) summed completion log-probs of the policy, and the model outputs.
+
+        Packed: one unpadded row (training.packing); padded: TRL's own forward on its batch.
+        """
+        if self.packing.enabled:
+            batch = pack_batch(inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+            self.packing_tokens["packed"] += batch.tokens
+            self.packing_tokens["padded"] += batch.padded_tokens
+            logps, outputs = packed_logps(model, batch, varlen=self.packing.varlen)
+            return (*logps.chunk(2, dim=0), outputs)
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = completion_mask.size(1) - 1
+        self.packing_tokens["packed"] += int(inputs["attention_mask"].sum())
+        self.packing_tokens["padded"] += completion_mask.numel()
+        return (*outputs.log_probs[:, -seq_len:].sum(dim=1).chunk(2, dim=0), outputs)
+
+    def _choose_packing(self, mode: str) -> PackingChoice:
+        """Resolve the packing option for this model and data; the choice is logged."""
+        peft_config = getattr(self.model, "active_peft_config", None)
+        choice = choose_packing(mode, self.model, self._longest_sequence(),
+                                prompt_tuning=bool(getattr(peft_config, "is_prompt_learning", False)))
+        (logger.info if choice.enabled or mode == "off" else logger.warning)("training: %s", choice.reason)
+        return choice
+
+    def _longest_sequence(self) -> int:
+        """Longest prompt + completion of the training set, at most max_length (read from Arrow, no row loop)."""
+        import pyarrow.compute as pc
+
+        data = getattr(self.train_dataset, "data", None)
+        longest = 0
+        if data is not None and {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(data.column_names):
+            prompt = pc.list_value_length(data.column("prompt_ids"))
+            completion = pc.max_element_wise(pc.list_value_length(data.column("chosen_ids")),
+                                             pc.list_value_length(data.column("rejected_ids")))
+            longest = int(pc.max(pc.add(prompt, completion)).as_py() or 0)
+        else:  # an iterable dataset: only max_length bounds it
+            longest = self.args.max_length or 1 << 30
+        return min(longest, self.args.max_length) if self.args.max_length else longest
+
+    def _packing_scope(self, model):  # noqa: ANN001, ANN202
+        """The packed attention held over a whole step, backward included (recomputed checkpoints see it too)."""
+        from curation.lm.packed_attention import packed_attention
+
+        return packed_attention(model) if self.packing.enabled else nullcontext()
+
+    def training_step(self, model, inputs, *args: Any, **kwargs: Any):  # noqa: ANN001, ANN201
+        with self._packing_scope(model):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    def prediction_step(self, model, inputs, *args: Any, **kwargs: Any):  # noqa: ANN001, ANN201
+        with self._packing_scope(model):
+            return super().prediction_step(model, inputs, *args, **kwargs)
 
     def _log_stats(self, mode: str, stats: dict[str, Any], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         """Same metric names as TRL, plus beta and the kept fraction of beta-DPO."""

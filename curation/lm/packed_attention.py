@@ -10,6 +10,12 @@ entry (counted, so concurrent scorers share it) and removed on the last exit, an
 switched with transformers' public ``set_attn_implementation`` and switched back to exactly the
 implementation each of its configs had. (A model switched so serves one call at a time: two
 threads scoring the same model object in the packed layout would switch it under each other.)
+
+Training uses the same layout with autograd (:mod:`training.packing`): every op here is
+differentiable, dropout is applied as the model asks, and on CUDA with ``flash-attn``
+installed the rows run as one varlen FlashAttention call (``winnow_varlen=True``) instead of
+two small SDPA calls per row. :func:`packing_blockers` says which models cannot be packed
+exactly (their attention is more than causal softmax over each sequence).
 """
 
 from __future__ import annotations
@@ -36,16 +42,23 @@ def packed_sdpa(
     scaling: float | None = None,
     dropout: float = 0.0,
     winnow_rows: list | None = None,
+    winnow_varlen: bool = False,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """SDPA per row of a packed sequence: no padding, no masked-out square computed.
 
     Each row is ``prompt + first [+ second]``: the first part runs causal; the second part's
     queries attend to the prompt keys and causally to themselves, as in its own sequence.
-    ``winnow_rows``: per row ``(start, prompt length, split, end, second-part mask or None)``.
+    ``winnow_rows``: per row ``(start, prompt length, split, end, second-part mask or None)``;
+    a second part exists when ``end > split``, and without a mask it is lower-right causal
+    (query ``i`` of the second part sees the ``p`` prompt keys and second-part keys ``<= i``).
+    ``winnow_varlen``: run all rows as one varlen FlashAttention call (CUDA, flash-attn).
     """
     if winnow_rows is None:
         raise RuntimeError("winnow packed attention called without its row layout")
+    dropout = dropout if module.training else 0.0
+    if winnow_varlen:
+        return _varlen_flash(query, key, value, winnow_rows, scaling, dropout), None
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:
         key = key.repeat_interleave(n_rep, dim=1)
@@ -56,14 +69,97 @@ def packed_sdpa(
         a, b = start, start + split
         if split > 0:
             out[:, :, a:b] = sdpa(
-                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling, dropout_p=dropout
             )
-        if second is not None:
+        if end > split:
             c = start + end
+            if p == 0:  # no prompt keys: a sequence of its own
+                out[:, :, b:c] = sdpa(
+                    query[:, :, b:c], key[:, :, b:c], value[:, :, b:c], is_causal=True, scale=scaling,
+                    dropout_p=dropout,
+                )
+                continue
+            if second is None:
+                r = end - split
+                second = torch.ones(r, p + r, dtype=torch.bool, device=query.device).tril(p)
             k2 = torch.cat([key[:, :, a : a + p], key[:, :, b:c]], dim=2)
             v2 = torch.cat([value[:, :, a : a + p], value[:, :, b:c]], dim=2)
-            out[:, :, b:c] = sdpa(query[:, :, b:c], k2, v2, attn_mask=second, scale=scaling)
+            out[:, :, b:c] = sdpa(query[:, :, b:c], k2, v2, attn_mask=second, scale=scaling, dropout_p=dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def flash_varlen_available() -> bool:
+    """Whether varlen FlashAttention can run here (CUDA and the ``flash-attn`` package)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _varlen_flash(query, key, value, rows: list, scaling: float | None, dropout: float) -> torch.Tensor:  # noqa: ANN001
+    """All rows in one ``flash_attn_varlen_func`` call: queries in packed order, keys per segment.
+
+    Segments: each row's first part (keys: itself) and second part (keys: the row's first ``p``
+    tokens, then itself). FlashAttention's causal mask is aligned to the bottom right when a
+    segment has more keys than queries, which is exactly "all prompt keys, causal after".
+    """
+    from flash_attn import flash_attn_varlen_func
+
+    dev = query.device
+    q_lens, k_index, k_lens = [], [], []
+    for start, p, split, end, _ in rows:
+        if split > 0:
+            q_lens.append(split)
+            k_index.append(torch.arange(start, start + split, device=dev))
+            k_lens.append(split)
+        if end > split:
+            q_lens.append(end - split)
+            k_index.append(torch.arange(start, start + p, device=dev))
+            k_index.append(torch.arange(start + split, start + end, device=dev))
+            k_lens.append(p + end - split)
+    idx = torch.cat(k_index)
+    cu_q = torch.tensor([0, *q_lens], device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0, *k_lens], device=dev, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    dtype = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q = query[0].transpose(0, 1).to(dtype)  # [T, heads, dim]
+    k = key[0].transpose(0, 1)[idx].to(dtype)
+    v = value[0].transpose(0, 1)[idx].to(dtype)
+    out = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), dropout_p=dropout, softmax_scale=scaling, causal=True
+    )
+    return out.to(query.dtype)[None]
+
+
+# Model types whose attention is more than causal softmax(QK^T)V (attention sinks)
+_NON_PLAIN_ATTENTION = ("gpt_oss",)
+
+
+def packing_blockers(model, longest: int) -> list[str]:  # noqa: ANN001
+    """Why ``model``'s attention cannot run packed exactly (empty: it can).
+
+    Packed attention is plain causal softmax within each sequence. ``longest``: the longest
+    sequence that will run; a sliding window at least that long never slides, so it is plain.
+    (Same rules as :func:`curation.lm.logprobs._shared_blockers`, less its backend check:
+    packing replaces the backend.)
+    """
+    cfg = model.config.get_text_config()
+    why = []
+    layer_types = getattr(cfg, "layer_types", None) or []
+    window = getattr(cfg, "sliding_window", None)
+    if layer_types:
+        sliding = any("sliding" in str(t) for t in layer_types)
+    else:
+        sliding = window is not None and getattr(cfg, "use_sliding_window", True)
+    if sliding and (window is None or longest > window):
+        why.append(f"sliding-window attention ({window}) shorter than the sequences ({longest})")
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        why.append("attention logit soft-capping")
+    if getattr(cfg, "model_type", None) in _NON_PLAIN_ATTENTION:
+        why.append(f"{cfg.model_type} attention (sinks)")
+    return why
 
 
 @contextmanager
