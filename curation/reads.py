@@ -8,13 +8,15 @@ value is a bound parameter; table names come from the schema, never from user in
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from curation.errors import WinnowError
-from curation.store import TABLES, Catalog, bounded_memory, fetch_polars
+from curation.store import TABLES, Catalog, bounded_memory, fetch_polars, stream_arrow
 
 PAIR_TEXT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "source", "source_row")
 
@@ -189,3 +191,114 @@ def curated_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
                   d.kept, d.reason, d.stage
            FROM pairs p JOIN scores s USING (run_id, pair_id) JOIN decisions d USING (run_id, pair_id)
            WHERE p.run_id = ? ORDER BY p.source_row""", [run_id], read_only=False)
+
+
+# -- near-duplicates and contamination (curation/screen.py) -----------------------------------------------
+
+
+class PairTextScan:
+    """One connection over a run's pair texts for the near-duplicate and contamination step.
+
+    On entry it numbers the run's pairs in first-seen order (``idx``: by source, source_row) in a
+    temporary table, marking the pairs in `excluded` (rule drops) as not clusterable. Then:
+    :meth:`batches` streams every pair's texts (DuckDB streams the join, memory holds one batch),
+    :meth:`load_nodes` copies the texts of the pairs that met in an LSH bucket into a temporary
+    table and :meth:`edge_texts` streams both ends of edges from it. Temporary tables die with the
+    connection; nothing is written to the catalog.
+    """
+
+    def __init__(self, catalog: Catalog, run_id: str, excluded: pl.Series | None = None) -> None:
+        self.catalog, self.run_id = catalog, run_id
+        self._excluded = pl.DataFrame({"pair_id": excluded if excluded is not None else pl.Series([], dtype=pl.String)})
+        self._stack: Any = None
+
+    def __enter__(self) -> PairTextScan:
+        from contextlib import ExitStack
+
+        self._stack = ExitStack()
+        self.con = self._stack.enter_context(self.catalog.connect())
+        self._stack.enter_context(bounded_memory(self.con))
+        self.con.register("_scan_excluded_view", self._excluded.to_arrow())
+        self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_excluded AS SELECT DISTINCT pair_id FROM _scan_excluded_view")
+        self.con.unregister("_scan_excluded_view")
+        self.con.execute(
+            """CREATE OR REPLACE TEMP TABLE _scan_ids AS
+               SELECT (row_number() OVER (ORDER BY p.source, p.source_row, p.pair_id) - 1)::BIGINT AS idx, p.pair_id,
+                      x.pair_id IS NULL AS clusterable
+               FROM pairs p LEFT JOIN _scan_excluded x USING (pair_id) WHERE p.run_id = ?""", [self.run_id])
+        self.pairs, self.clusterable = (int(v or 0) for v in self.con.execute(
+            "SELECT count(*), sum(clusterable::INT) FROM _scan_ids").fetchall()[0])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
+        """idx, clusterable, prompt, chosen, rejected of every pair of the run, `rows` at a time (any order)."""
+        yield from stream_arrow(self.con, """SELECT i.idx, i.clusterable, p.prompt, p.chosen, p.rejected
+                                             FROM pairs p JOIN _scan_ids i USING (pair_id) WHERE p.run_id = ?""",
+                                [self.run_id], rows)
+
+    def _register_idx(self, name: str, idx: Any) -> None:
+        self.con.register(f"{name}_view", pa.table({"idx": pa.array(idx, pa.int64())}))
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT DISTINCT idx FROM {name}_view")
+        self.con.unregister(f"{name}_view")
+
+    def load_nodes(self, idx: Any) -> None:
+        """Copy the texts of pairs `idx` into a temporary table for :meth:`edge_texts` (one scan of the run)."""
+        self._register_idx("_scan_node_list", idx)
+        self.con.execute(
+            """CREATE OR REPLACE TEMP TABLE _scan_nodes AS
+               SELECT i.idx, p.prompt, p.chosen, p.rejected
+               FROM pairs p JOIN _scan_ids i USING (pair_id) JOIN _scan_node_list n ON n.idx = i.idx
+               WHERE p.run_id = ?""", [self.run_id])
+
+    def edge_texts(self, a: Any, b: Any, rows: int) -> Iterator[pa.RecordBatch]:
+        """a, b and prompt/chosen/rejected of both ends (`<side>_a`, `<side>_b`) of edges between loaded nodes."""
+        self.con.register("_scan_edges_view", pa.table({"a": pa.array(a, pa.int64()), "b": pa.array(b, pa.int64())}))
+        self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_edges AS SELECT * FROM _scan_edges_view")
+        self.con.unregister("_scan_edges_view")
+        yield from stream_arrow(self.con, """
+            SELECT e.a, e.b, x.prompt AS prompt_a, x.chosen AS chosen_a, x.rejected AS rejected_a,
+                   y.prompt AS prompt_b, y.chosen AS chosen_b, y.rejected AS rejected_b
+            FROM _scan_edges e JOIN _scan_nodes x ON x.idx = e.a JOIN _scan_nodes y ON y.idx = e.b""", None, rows)
+
+    def pair_ids(self, idx: Any) -> pl.DataFrame:
+        """idx, pair_id of the given pairs."""
+        self._register_idx("_scan_wanted", idx)
+        return fetch_polars(self.con, "SELECT i.idx, i.pair_id FROM _scan_ids i JOIN _scan_wanted w USING (idx)")
+
+    def margins(self, idx: Any) -> pl.DataFrame:
+        """idx, margin of the given pairs (null when unscored)."""
+        self._register_idx("_scan_wanted", idx)
+        return fetch_polars(self.con, """SELECT i.idx, s.margin FROM _scan_ids i JOIN _scan_wanted w USING (idx)
+                                         LEFT JOIN scores s ON s.run_id = ? AND s.pair_id = i.pair_id""", [self.run_id])
+
+
+def near_duplicate_clusters(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """Every member of the run's near-duplicate clusters with its decision, largest clusters first."""
+    return catalog.query(
+        """SELECT c.cluster_id, c.size, c.pair_id, c.representative, c.duplicate_of, c.prompt_similarity,
+                  c.response_similarity, c.orientation, c.contradiction, d.kept, d.reason
+           FROM clusters c LEFT JOIN decisions d USING (run_id, pair_id)
+           WHERE c.run_id = ? ORDER BY c.size DESC, c.cluster_id, c.representative DESC, c.pair_id""",
+        [run_id], read_only=False)
+
+
+def cluster_size_counts(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """size, clusters, pairs, contradiction clusters: the cluster-size histogram of a run."""
+    return catalog.query(
+        """SELECT size, count(DISTINCT cluster_id) AS clusters, count(*) AS pairs,
+                  count(DISTINCT cluster_id) FILTER (WHERE contradiction) AS contradictions
+           FROM clusters WHERE run_id = ? GROUP BY size ORDER BY size""", [run_id], read_only=False)
+
+
+def contamination_by_benchmark(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """benchmark, pairs hit, hits by pair field, benchmark rows hit, and an example span."""
+    return catalog.query(
+        """SELECT benchmark, count(DISTINCT pair_id) AS pairs,
+                  count(*) FILTER (WHERE field = 'prompt') AS prompt, count(*) FILTER (WHERE field = 'chosen') AS chosen,
+                  count(*) FILTER (WHERE field = 'rejected') AS rejected,
+                  count(DISTINCT benchmark_row) AS benchmark_rows, min(span) AS example_span
+           FROM contamination WHERE run_id = ? GROUP BY benchmark ORDER BY pairs DESC, benchmark""",
+        [run_id], read_only=False)
