@@ -231,7 +231,7 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
         catalog.upsert_run(run_id, con, stage="curate", status="curated", config={"curate": curate_record},
                            accounting={"curate": {"pairs": frame.height, "kept": kept.height, "dropped": dropped,
                                                   "stages": summary["pairs"].to_list()}},
-                           timings={"curate": round(time.perf_counter() - start, 3)})
+                           timings={"curate": round(time.perf_counter() - start, 3), "screen": screened.seconds})
     manifest_path = _manifest(run_id, frame.height, kept.height, dropped, summary, shards, scoring, config,
                               resolved_dict, advice).write(shard_dir)
     report_path = None

@@ -245,16 +245,23 @@ class PairTextScan:
         self.con.unregister(f"{name}_view")
 
     def load_nodes(self, idx: Any) -> None:
-        """Copy the texts of pairs `idx` into a temporary table for :meth:`edge_texts` (one scan of the run)."""
+        """Copy the normalised texts of pairs `idx` into a temporary table for :meth:`edge_texts`.
+
+        Normalised as :func:`curation.shingles.normalise` does (lower case, runs of punctuation,
+        symbols and whitespace to one space, trimmed), once per pair rather than once per edge.
+        """
+        from curation.shingles import SEPARATORS
+
         self._register_idx("_scan_node_list", idx)
+        norm = "trim(regexp_replace(lower(coalesce(p.{0}, '')), ?, ' ', 'g')) AS {0}"
         self.con.execute(
-            """CREATE OR REPLACE TEMP TABLE _scan_nodes AS
-               SELECT i.idx, p.prompt, p.chosen, p.rejected
-               FROM pairs p JOIN _scan_ids i USING (pair_id) JOIN _scan_node_list n ON n.idx = i.idx
-               WHERE p.run_id = ?""", [self.run_id])
+            f"""CREATE OR REPLACE TEMP TABLE _scan_nodes AS
+                SELECT i.idx, {norm.format('prompt')}, {norm.format('chosen')}, {norm.format('rejected')}
+                FROM pairs p JOIN _scan_ids i USING (pair_id) JOIN _scan_node_list n ON n.idx = i.idx
+                WHERE p.run_id = ?""", [SEPARATORS, SEPARATORS, SEPARATORS, self.run_id])
 
     def edge_texts(self, a: Any, b: Any, rows: int) -> Iterator[pa.RecordBatch]:
-        """a, b and prompt/chosen/rejected of both ends (`<side>_a`, `<side>_b`) of edges between loaded nodes."""
+        """a, b and the normalised prompt/chosen/rejected of both ends (`<side>_a`, `<side>_b`) of edges."""
         self.con.register("_scan_edges_view", pa.table({"a": pa.array(a, pa.int64()), "b": pa.array(b, pa.int64())}))
         self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_edges AS SELECT * FROM _scan_edges_view")
         self.con.unregister("_scan_edges_view")

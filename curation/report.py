@@ -15,13 +15,20 @@ import numpy as np
 import polars as pl
 
 from curation.errors import WinnowError
-from curation.reads import report_tables, why_example
+from curation.reads import (
+    cluster_size_counts,
+    contamination_by_benchmark,
+    near_duplicate_clusters,
+    report_tables,
+    why_example,
+)
 from curation.schema import DecisionReason
 from curation.store import Catalog
 
 COLOURS = {"kept": "#2a9d8f", "dropped (rules)": "#8d99ae", "beta_outlier_low": "#e76f51", "beta_outlier_high": "#e9c46a"}
 STAGE_COLOURS = ("#264653", "#2a9d8f", "#8ab17d", "#e9c46a", "#f4a261", "#e76f51", "#9b5de5", "#577590")
 PLOTS = ("margin.png", "edit_distance.png", "length_gap.png")
+SCREEN_PLOT = "near_duplicates.png"  # written when the run has clusters or contamination hits
 
 
 def report_dir(workdir: Path | str, run_id: str) -> Path:
@@ -227,6 +234,7 @@ def _markdown(run_id: str, data: dict[str, Any]) -> str:
         out += [f"Beta-guided filter: mode `{beta['mode']}`, rho {settings['rho']}, centre `{settings['centre']}` "
                 f"({beta['centre']:.4g}), scale {beta['scale']:.4g}, seed {settings['seed']}; kept {beta['kept']}, "
                 f"dropped {beta['dropped']}.{cut}", ""]
+    out += _screen_section(run_id, data)
     if data["advice"].height:
         advice = data["advice"].row(0, named=True)
         evidence = json.loads(advice["evidence"])
@@ -265,6 +273,105 @@ def build_report(catalog: Catalog, run_id: str, out_dir: Path | None = None) -> 
     _plot_margin(data, out / "margin.png")
     _plot_edits(data, out / "edit_distance.png")
     _plot_lengths(data, out / "length_gap.png")
+    data["screen"] = _screen_data(catalog, run_id)
+    if data["screen"]["sizes"].height or data["screen"]["benchmarks"].height:
+        _plot_screen(data["screen"], out / SCREEN_PLOT)
     path = out / "report.md"
     path.write_text(_markdown(run_id, data), encoding="utf-8")
     return path
+
+
+# -- near-duplicates and contamination (curation/screen.py) ------------------------------------------------
+
+
+def _screen_data(catalog: Catalog, run_id: str) -> dict[str, Any]:
+    return {"sizes": cluster_size_counts(catalog, run_id), "clusters": near_duplicate_clusters(catalog, run_id),
+            "benchmarks": contamination_by_benchmark(catalog, run_id)}
+
+
+def _plot_screen(screen: dict[str, Any], path: Path) -> None:
+    """Cluster sizes (pairs per size, near-contradictions marked) and contamination hits per benchmark."""
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sizes = screen["sizes"]
+    if sizes.height:
+        labels = [str(s) for s in sizes["size"].to_list()]
+        clean = (sizes["clusters"] - sizes["contradictions"]).to_list()
+        left.bar(labels, clean, color="#2a9d8f", label="near-duplicate clusters")
+        left.bar(labels, sizes["contradictions"].to_list(), bottom=clean, color="#e76f51",
+                 label="near-contradiction clusters")
+        left.legend(fontsize=8)
+    else:
+        left.text(0.5, 0.5, "no near-duplicate clusters", ha="center", va="center", transform=left.transAxes)
+    left.set_title("Near-duplicate clusters by size (one pair kept per cluster)")
+    left.set_xlabel("pairs in the cluster")
+    left.set_ylabel("clusters")
+    left.grid(axis="y", alpha=0.3)
+    bench = screen["benchmarks"]
+    if bench.height:
+        names = bench["benchmark"].to_list()
+        bottom = np.zeros(len(names))
+        for field, colour in (("prompt", "#264653"), ("chosen", "#8ab17d"), ("rejected", "#e9c46a")):
+            values = bench[field].cast(pl.Float64).to_numpy()
+            right.barh(names, values, left=bottom, color=colour, label=f"hits in {field}")
+            bottom += values
+        right.legend(fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no benchmark hits", ha="center", va="center", transform=right.transAxes)
+    right.set_title("Benchmark n-gram hits, by pair field")
+    right.set_xlabel("pair fields with a shared n-gram")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _screen_section(run_id: str, data: dict[str, Any]) -> list[str]:
+    """The report's section on near-duplicate clusters and benchmark contamination."""
+    resolved = data["curate"]["resolved"]
+    near, decon = resolved.get("near_dup") or {}, resolved.get("decontam") or {}
+    screen = data.get("screen") or {}
+    out = ["## Near-duplicates and contamination", ""]
+    settings = data["curate"]["settings"].get("near_dup") or {}
+    if not near.get("enabled"):
+        out += ["Near-duplicate step: off.", ""]
+    else:
+        out += [f"Near-duplicates (prompt similarity >= {settings['prompt_similarity']}, each response >= "
+                f"{settings['response_similarity']}, normalised Indel): {near['pairs']} pairs checked, "
+                f"{near['candidates']} LSH candidates, {near['verified']} confirmed; **{near['clusters']} clusters** "
+                f"holding {near['clustered_pairs']} pairs, {near['dropped']} dropped (kept per cluster: "
+                f"`{settings['keep']}`), {near['contradiction_clusters']} near-contradiction cluster(s) "
+                f"(`contradictions: {settings['contradictions']}`).", ""]
+        sizes = screen.get("sizes")
+        if sizes is not None and sizes.height:
+            out += [_table(["cluster size", "clusters", "pairs", "near-contradictions"], sizes.rows()), ""]
+        clusters = screen.get("clusters")
+        if clusters is not None and clusters.height:
+            shown = clusters.filter(pl.col("contradiction")).head(40)
+            shown = shown if shown.height else clusters.head(20)
+            title = "Near-contradiction clusters" if clusters["contradiction"].any() else "Largest clusters"
+            rows = [[r["cluster_id"], r["size"], r["pair_id"][:12], "kept" if r["representative"] else
+                     (r["duplicate_of"] or "")[:12], r["orientation"], r["prompt_similarity"], r["response_similarity"],
+                     r["reason"]] for r in shown.to_dicts()]
+            out += [f"{title}:", "", _table(["cluster", "size", "pair", "duplicate of", "orientation",
+                                             "prompt sim", "response sim", "decision"], rows), ""]
+    if not decon.get("enabled"):
+        out += ["Decontamination: no benchmark named (`curate.decontam.benchmarks`).", ""]
+    else:
+        hits = screen.get("benchmarks")
+        by_name = {r["benchmark"]: r for r in hits.to_dicts()} if hits is not None else {}
+        rows = [[b["name"], b["rows"], b["entries"], b["short_entries"], b["pairs_hit"],
+                 by_name.get(b["name"], {}).get("prompt", 0), by_name.get(b["name"], {}).get("chosen", 0),
+                 by_name.get(b["name"], {}).get("rejected", 0), by_name.get(b["name"], {}).get("example_span")]
+                for b in decon["benchmarks"]]
+        out += [f"Decontamination ({decon['ngram']}-gram overlap, at least {decon['min_ngrams']} shared; "
+                f"{'dropped' if decon['drop'] else 'recorded only'}): **{decon['contaminated_pairs']} pairs** hit.", "",
+                _table(["benchmark", "rows", "entries", f"entries < {decon['ngram']} words", "pairs hit", "in prompt",
+                        "in chosen", "in rejected", "example span"], rows), ""]
+    if (screen.get("sizes") is not None and screen["sizes"].height) or (
+            screen.get("benchmarks") is not None and screen["benchmarks"].height):
+        out += [f"![near-duplicates and contamination]({SCREEN_PLOT})", ""]
+    out += ["Every cluster and hit (`winnow query`):", "", "```sql",
+            f"SELECT * FROM clusters WHERE run_id = '{run_id}' ORDER BY size DESC, cluster_id;",
+            f"SELECT * FROM contamination WHERE run_id = '{run_id}' ORDER BY benchmark, pair_id;", "```", ""]
+    return out

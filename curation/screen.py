@@ -58,6 +58,8 @@ class ScreenResult:
     clusters: pl.DataFrame  # the `clusters` table's rows
     contamination: pl.DataFrame  # the `contamination` table's rows
     stats: dict[str, Any] = field(default_factory=dict)  # recorded under resolved.near_dup / resolved.decontam
+    seconds: float = 0.0  # wall time of the step (kept out of `stats`: the manifest is reproducible)
+    scan_seconds: float = 0.0  # of which the pass over the texts
 
 
 def _empty_decisions() -> pl.DataFrame:
@@ -101,10 +103,10 @@ def screen(catalog: Catalog, run_id: str, near: NearDupConfig | None = None, dec
             out.append(cluster_decisions)
         if index is not None:
             stats["decontam"] = _decontam_stats(index, decontam, contamination, contaminated)
-    stats["screen_seconds"] = {"scan": round(t_scan, 3), "total": round(time.perf_counter() - start, 3)}
     frames = [f for f in out if f.height]
     return ScreenResult(decisions=pl.concat(frames) if frames else _empty_decisions(), clusters=clusters,
-                        contamination=contamination, stats=stats)
+                        contamination=contamination, stats=stats, seconds=round(time.perf_counter() - start, 3),
+                        scan_seconds=round(t_scan, 3))
 
 
 def _scan(scan: PairTextScan, near: NearDupConfig, decontam: DecontamConfig, index: NgramIndex | None,
@@ -174,9 +176,7 @@ def _edge_similarities(scan: PairTextScan, a: np.ndarray, b: np.ndarray) -> pl.D
     parts = []
     for ea, eb in edge_batches(a, b, 1 << 22):  # one registration per few million edges
         for batch in scan.edge_texts(ea, eb, EDGE_ROWS):
-            frame = pl.from_arrow(batch)
-            frame = frame.with_columns(normalise(frame[c]).alias(c) for c in frame.columns if c not in ("a", "b"))
-            parts.append(similarities(frame))
+            parts.append(similarities(pl.from_arrow(batch)))  # texts normalised by load_nodes
     if not parts:
         return pl.DataFrame(schema={"a": pl.Int64, "b": pl.Int64, "prompt_similarity": pl.Float64,
                                     "same": pl.Float64, "swapped": pl.Float64})

@@ -19,12 +19,12 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-__all__ = ["Tokens", "byte_tokens", "mix64", "normalise", "window_hashes", "word_tokens"]
+__all__ = ["SEPARATORS", "Tokens", "byte_tokens", "mix64", "normalise", "window_hashes", "word_tokens"]
 
 _U64 = np.uint64
 _BASE = 0x100000001B3  # odd: invertible modulo 2**64, so a window's hash is independent of its position
 _MASK = (1 << 64) - 1
-_SEP = r"[\p{P}\p{S}\s]+"  # punctuation, symbols and whitespace: the edits near-duplicates differ by
+SEPARATORS = r"[\p{P}\p{S}\s]+"  # punctuation, symbols and whitespace: the edits near-duplicates differ by
 
 
 def _inverse(a: int) -> int:
@@ -53,7 +53,7 @@ def normalise(texts: pl.Series) -> pl.Series:
     So "Sort ascending:  18, 44" and "sort ascending 18 44" are the same text: whitespace, case
     and punctuation edits vanish before anything is hashed or compared.
     """
-    return texts.fill_null("").str.to_lowercase().str.replace_all(_SEP, " ").str.strip_chars()
+    return texts.fill_null("").str.to_lowercase().str.replace_all(SEPARATORS, " ").str.strip_chars()
 
 
 @dataclass
