@@ -119,7 +119,9 @@ def generate(n: int, workdir: Path) -> tuple[Path, Path, Path]:
             frame.write_ndjson(out)
             line += m
             copies.write_ndjson(out)
-            planted_near += list(range(line + 1, line + copies.height + 1))
+            leaked = {int(r) for r in leak_rows}  # a copy of a leaked row is contaminated, not clustered
+            for j, source in enumerate(np.concatenate([take[i::4] for i in range(4)])):
+                (planted_leak if int(source) in leaked else planted_near).append(line + j + 1)
             line += copies.height
     base_parquet.unlink()
     tmp.replace(jsonl)

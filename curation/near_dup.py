@@ -274,22 +274,42 @@ def _bucket_edges(key: np.ndarray, idx: np.ndarray, window: int) -> np.ndarray:
 SIDES = ("prompt", "chosen", "rejected")
 
 
-def similarities(batch: pl.DataFrame) -> pl.DataFrame:
-    """Exact similarities of edge batches: columns a, b and the normalised texts `<side>_a`, `<side>_b`.
+def _similarity(batch: pl.DataFrame, x: str, y: str, cutoff: float | None = None) -> np.ndarray:
+    """Normalised Indel similarity of two text columns, row by row, all cores; below `cutoff`: 0."""
+    return process.cpdist(batch[x].to_list(), batch[y].to_list(), scorer=Indel.normalized_similarity, workers=-1,
+                          dtype=np.float64, score_cutoff=cutoff)
+
+
+def prompt_similarities(batch: pl.DataFrame, cutoff: float | None = None) -> pl.DataFrame:
+    """a, b, prompt_similarity of an edge batch (columns a, b, prompt_a, prompt_b): the cheap first check."""
+    return pl.DataFrame({"a": batch["a"], "b": batch["b"],
+                         "prompt_similarity": _similarity(batch, "prompt_a", "prompt_b", cutoff)})
+
+
+def similarities(batch: pl.DataFrame, cutoff: NearDupConfig | None = None) -> pl.DataFrame:
+    """Exact similarities of an edge batch: columns a, b and the normalised texts `<side>_a`, `<side>_b`.
 
     Returns a, b, prompt_similarity, same (min of chosen~chosen, rejected~rejected) and swapped
-    (min of chosen~rejected, rejected~chosen), rapidfuzz over all cores.
+    (min of chosen~rejected, rejected~chosen). With `cutoff` (a config) values below its
+    thresholds read 0 and the second response of an orientation is only compared when the first
+    passed: candidates that fail cost little; without, every number is exact (kept-pair similarities).
     """
+    t_prompt = cutoff.prompt_similarity if cutoff else None
+    t_response = cutoff.response_similarity if cutoff else None
 
-    def sim(x: str, y: str) -> np.ndarray:
-        return process.cpdist(batch[x].to_list(), batch[y].to_list(), scorer=Indel.normalized_similarity,
-                              workers=-1, dtype=np.float64)
+    def both(first: tuple[str, str], second: tuple[str, str]) -> np.ndarray:
+        one = _similarity(batch, *first, t_response)
+        other = np.zeros_like(one)
+        passed = one >= (t_response or 0.0)
+        if passed.any():
+            other[passed] = _similarity(batch.filter(pl.Series(passed)), *second, t_response)
+        return np.minimum(one, other)
 
     return pl.DataFrame({
         "a": batch["a"], "b": batch["b"],
-        "prompt_similarity": sim("prompt_a", "prompt_b"),
-        "same": np.minimum(sim("chosen_a", "chosen_b"), sim("rejected_a", "rejected_b")),
-        "swapped": np.minimum(sim("chosen_a", "rejected_b"), sim("rejected_a", "chosen_b")),
+        "prompt_similarity": _similarity(batch, "prompt_a", "prompt_b", t_prompt),
+        "same": both(("chosen_a", "chosen_b"), ("rejected_a", "rejected_b")),
+        "swapped": both(("chosen_a", "rejected_b"), ("rejected_a", "chosen_b")),
     })
 
 

@@ -196,6 +196,10 @@ def curated_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
 # -- near-duplicates and contamination (curation/screen.py) -----------------------------------------------
 
 
+SCAN_SIDES = ("prompt", "chosen", "rejected")
+SCAN_MEMORY = "256MB"  # DuckDB's cap during the scan session (the texts stream; temporary tables spill)
+
+
 class PairTextScan:
     """One connection over a run's pair texts for the near-duplicate and contamination step.
 
@@ -211,13 +215,20 @@ class PairTextScan:
         self.catalog, self.run_id = catalog, run_id
         self._excluded = pl.DataFrame({"pair_id": excluded if excluded is not None else pl.Series([], dtype=pl.String)})
         self._stack: Any = None
+        self._sides: tuple[str, ...] = ()
 
     def __enter__(self) -> PairTextScan:
         from contextlib import ExitStack
 
         self._stack = ExitStack()
         self.con = self._stack.enter_context(self.catalog.connect())
-        self._stack.enter_context(bounded_memory(self.con))
+        self._stack.enter_context(bounded_memory(self.con))  # restores the memory limit on exit
+        # Memory flat in the number of pairs: DuckDB caches the pages of `pairs` it scans (capped
+        # here), and its optimiser, misjudging the run filter, would build the join's hash table on
+        # the texts instead of the ids; the written join order is kept instead.
+        self.con.execute(f"SET memory_limit = '{SCAN_MEMORY}'")
+        self.con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+        self._stack.callback(self.con.execute, "RESET disabled_optimizers")
         self.con.register("_scan_excluded_view", self._excluded.to_arrow())
         self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_excluded AS SELECT DISTINCT pair_id FROM _scan_excluded_view")
         self.con.unregister("_scan_excluded_view")
@@ -244,30 +255,34 @@ class PairTextScan:
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT DISTINCT idx FROM {name}_view")
         self.con.unregister(f"{name}_view")
 
-    def load_nodes(self, idx: Any) -> None:
-        """Copy the normalised texts of pairs `idx` into a temporary table for :meth:`edge_texts`.
+    def load_nodes(self, idx: Any, sides: tuple[str, ...] = SCAN_SIDES) -> None:
+        """Copy the normalised `sides` of pairs `idx` into a temporary table for :meth:`edge_texts`.
 
         Normalised as :func:`curation.shingles.normalise` does (lower case, runs of punctuation,
         symbols and whitespace to one space, trimmed), once per pair rather than once per edge.
         """
         from curation.shingles import SEPARATORS
 
+        if not sides or not set(sides) <= set(SCAN_SIDES):
+            raise ValueError(f"sides must be among {SCAN_SIDES}, got {sides}")
         self._register_idx("_scan_node_list", idx)
-        norm = "trim(regexp_replace(lower(coalesce(p.{0}, '')), ?, ' ', 'g')) AS {0}"
+        columns = ", ".join(f"trim(regexp_replace(lower(coalesce(p.{side}, '')), ?, ' ', 'g')) AS {side}"
+                            for side in sides)
         self.con.execute(
             f"""CREATE OR REPLACE TEMP TABLE _scan_nodes AS
-                SELECT i.idx, {norm.format('prompt')}, {norm.format('chosen')}, {norm.format('rejected')}
+                SELECT i.idx, {columns}
                 FROM pairs p JOIN _scan_ids i USING (pair_id) JOIN _scan_node_list n ON n.idx = i.idx
-                WHERE p.run_id = ?""", [SEPARATORS, SEPARATORS, SEPARATORS, self.run_id])
+                WHERE p.run_id = ?""", [*([SEPARATORS] * len(sides)), self.run_id])
+        self._sides = sides
 
     def edge_texts(self, a: Any, b: Any, rows: int) -> Iterator[pa.RecordBatch]:
-        """a, b and the normalised prompt/chosen/rejected of both ends (`<side>_a`, `<side>_b`) of edges."""
+        """a, b and the loaded sides of both ends (`<side>_a`, `<side>_b`) of edges between loaded nodes."""
         self.con.register("_scan_edges_view", pa.table({"a": pa.array(a, pa.int64()), "b": pa.array(b, pa.int64())}))
         self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_edges AS SELECT * FROM _scan_edges_view")
         self.con.unregister("_scan_edges_view")
-        yield from stream_arrow(self.con, """
-            SELECT e.a, e.b, x.prompt AS prompt_a, x.chosen AS chosen_a, x.rejected AS rejected_a,
-                   y.prompt AS prompt_b, y.chosen AS chosen_b, y.rejected AS rejected_b
+        columns = ", ".join(f"{end}.{side} AS {side}_{tag}" for end, tag in (("x", "a"), ("y", "b")) for side in self._sides)
+        yield from stream_arrow(self.con, f"""
+            SELECT e.a, e.b, {columns}
             FROM _scan_edges e JOIN _scan_nodes x ON x.idx = e.a JOIN _scan_nodes y ON y.idx = e.b""", None, rows)
 
     def pair_ids(self, idx: Any) -> pl.DataFrame:
@@ -276,10 +291,11 @@ class PairTextScan:
         return fetch_polars(self.con, "SELECT i.idx, i.pair_id FROM _scan_ids i JOIN _scan_wanted w USING (idx)")
 
     def margins(self, idx: Any) -> pl.DataFrame:
-        """idx, margin of the given pairs (null when unscored)."""
+        """idx, margin of the given pairs that are scored."""
         self._register_idx("_scan_wanted", idx)
-        return fetch_polars(self.con, """SELECT i.idx, s.margin FROM _scan_ids i JOIN _scan_wanted w USING (idx)
-                                         LEFT JOIN scores s ON s.run_id = ? AND s.pair_id = i.pair_id""", [self.run_id])
+        return fetch_polars(self.con, """SELECT t.idx, s.margin FROM scores s
+                                         JOIN (SELECT i.idx, i.pair_id FROM _scan_ids i JOIN _scan_wanted w USING (idx)) t
+                                         ON s.pair_id = t.pair_id WHERE s.run_id = ?""", [self.run_id])
 
 
 def near_duplicate_clusters(catalog: Catalog, run_id: str) -> pl.DataFrame:

@@ -34,6 +34,7 @@ from curation.near_dup import (
     connected_components,
     decisions,
     edge_batches,
+    prompt_similarities,
     prompt_signature,
     response_signature,
     similarities,
@@ -172,14 +173,15 @@ def _contamination_decisions(first: pl.DataFrame, config: DecontamConfig) -> pl.
     )
 
 
-def _edge_similarities(scan: PairTextScan, a: np.ndarray, b: np.ndarray) -> pl.DataFrame:
+def _edge_similarities(scan: PairTextScan, a: np.ndarray, b: np.ndarray, measure: Any) -> pl.DataFrame:
+    """`measure` (a function of an edge batch) over edges a-b, whose ends :meth:`load_nodes` loaded."""
     parts = []
     for ea, eb in edge_batches(a, b, 1 << 22):  # one registration per few million edges
         for batch in scan.edge_texts(ea, eb, EDGE_ROWS):
-            parts.append(similarities(pl.from_arrow(batch)))  # texts normalised by load_nodes
+            parts.append(measure(pl.from_arrow(batch)))  # texts normalised by load_nodes
     if not parts:
-        return pl.DataFrame(schema={"a": pl.Int64, "b": pl.Int64, "prompt_similarity": pl.Float64,
-                                    "same": pl.Float64, "swapped": pl.Float64})
+        return measure(pl.DataFrame({"a": pl.Series([], dtype=pl.Int64), "b": pl.Series([], dtype=pl.Int64),
+                                     **{f"{s}_{t}": pl.Series([], dtype=pl.String) for s in SIDES for t in "ab"}}))
     return pl.concat(parts)
 
 
@@ -191,8 +193,16 @@ def _clusters(scan: PairTextScan, spill: BandSpill, near: NearDupConfig,
     if a.size == 0:
         return _empty_clusters(), _empty_decisions(), {**stats, "verified": 0, "clusters": 0, "clustered_pairs": 0,
                                                        "dropped": 0, "contradiction_clusters": 0}
-    scan.load_nodes(np.unique(np.concatenate([a, b])))
-    good = verified(_edge_similarities(scan, a, b), near)
+    # prompts first (short texts, the check most candidates fail), then both responses of the rest
+    scan.load_nodes(np.unique(np.concatenate([a, b])), ("prompt",))
+    prompts = _edge_similarities(scan, a, b, lambda batch: prompt_similarities(batch, near.prompt_similarity))
+    prompts = prompts.filter(pl.col("prompt_similarity") >= near.prompt_similarity)
+    a, b = prompts["a"].to_numpy(), prompts["b"].to_numpy()
+    stats["prompt_alike"] = int(a.size)
+    good = prompts.head(0)
+    if a.size:
+        scan.load_nodes(np.unique(np.concatenate([a, b])))
+        good = verified(_edge_similarities(scan, a, b, lambda batch: similarities(batch, near)), near)
     stats["verified"] = good.height
     if good.height == 0:
         return _empty_clusters(), _empty_decisions(), {**stats, "clusters": 0, "clustered_pairs": 0, "dropped": 0,
@@ -201,7 +211,7 @@ def _clusters(scan: PairTextScan, spill: BandSpill, near: NearDupConfig,
     margins = scan.margins(nodes) if near.keep == "margin" else None
     members = assign_representatives(nodes, root, margins, near.keep)
     others = members.filter(pl.col("idx") != pl.col("representative_idx"))
-    to_rep = _edge_similarities(scan, others["idx"].to_numpy(), others["representative_idx"].to_numpy())
+    to_rep = _edge_similarities(scan, others["idx"].to_numpy(), others["representative_idx"].to_numpy(), similarities)
     rows = cluster_rows(members, to_rep, near)
     ids = scan.pair_ids(rows["idx"].to_numpy())
     rows = rows.join(ids, on="idx", how="left").join(
