@@ -250,24 +250,25 @@ def main() -> None:
     report(results)
 
 
-def _walls(runs: list[dict]) -> str:
-    return ", ".join(f"{x['wall']:.1f}" for x in runs)
+def _walls(runs: list[dict], key: str = "wall") -> str:
+    return ", ".join(f"{x[key]:.1f}" for x in runs)
 
 
 def report(results: dict[int, dict[str, list[dict]]]) -> None:
     print("\n### B6: near-duplicates + contamination vs B1's features\n")
     print(f"Machine: {describe_machine(['polars', 'numpy', 'duckdb', 'rapidfuzz', 'tokenizers'])}\n")
-    print("| pairs | B1 wall s (ingest + score_run) | B6 wall s (screen) | B6 / B1 (median wall) | B6 cpu s | "
-          "B6 scan s | candidates | clusters | near-dup recall / precision | leak recall / precision "
-          "| peak RSS B1 MB | peak RSS B6 MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| pairs | B1 wall s (ingest + score_run) | B6 wall s (screen) | B6 / B1 (median wall) | B1 cpu s | B6 cpu s "
+          "| B6 / B1 (median cpu) | B6 scan s | candidates | clusters | near-dup recall / precision "
+          "| leak recall / precision | peak RSS B1 MB | peak RSS B6 MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n, res in results.items():
         b, o = res["b1"], res["ours"]
         ratio = statistics.median(x["wall"] for x in o) / statistics.median(x["wall"] for x in b)
+        cpu_ratio = statistics.median(x["cpu"] for x in o) / statistics.median(x["cpu"] for x in b)
         last = o[-1]
         s = last["score"]
-        print(f"| {b1.label(n)} | {_walls(b)} | {_walls(o)} "
-              f"| **{ratio:.2f}x** | {last['cpu']:.1f} | {last['scan']:.1f} | {last['candidates']:,} | {last['clusters']:,} "
+        print(f"| {b1.label(n)} | {_walls(b)} | {_walls(o)} | **{ratio:.2f}x** | {_walls(b, 'cpu')} | {_walls(o, 'cpu')} "
+              f"| **{cpu_ratio:.2f}x** | {last['scan']:.1f} | {last['candidates']:,} | {last['clusters']:,} "
               f"| {s['near']['recall']:.3f} / {s['near']['precision']:.3f} ({s['near']['planted']} planted) "
               f"| {s['leak']['recall']:.3f} / {s['leak']['precision']:.3f} ({s['leak']['planted']} planted) "
               f"| {max(x['rss_mb'] for x in b):,.0f} | {max(x['rss_mb'] for x in o):,.0f} |")

@@ -87,7 +87,7 @@ class NearDupConfig:
     response_shingle: int = setting(3, help="Words per response shingle.")
     bucket_window: int = setting(16, help="In an LSH bucket, each pair is checked against its next N members "
                                           "(all of them in buckets up to N+1).")
-    batch_pairs: int = setting(8192, help="Pairs hashed per batch (memory holds one batch).")
+    batch_pairs: int = setting(4096, help="Pairs hashed per batch (memory holds one batch).")
     seed: int = setting(0, help="Seed of the hash functions.")
 
     def __post_init__(self) -> None:
