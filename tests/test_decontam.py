@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +20,23 @@ from tests.test_near_dup import _rows_of, catalog_of
 OFF = NearDupConfig(enabled=False)
 
 
-def _vocab(rng: np.random.Generator, size: int = 4000) -> list[str]:
-    return ["".join(rng.choice(list("etaoinshrdlucmfwypvbgkqjxz"), size=int(rng.integers(2, 9)))) for _ in range(size)]
+def _vocab(rng: np.random.Generator, size: int = 4000) -> np.ndarray:
+    letters = np.array(list("etaoinshrdlucmfwypvbgkqjxz"))
+    return np.array(["".join(rng.choice(letters, size=int(rng.integers(2, 9)))) for _ in range(size)])
 
 
-def _words(rng: np.random.Generator, vocab: list[str], k: int) -> str:
+def _words(rng: np.random.Generator, vocab: np.ndarray, k: int) -> str:
     return " ".join(rng.choice(vocab, k))
 
 
-def gsm8k_rows(rng: np.random.Generator, vocab: list[str], n: int) -> list[dict]:
+def gsm8k_rows(rng: np.random.Generator, vocab: np.ndarray, n: int) -> list[dict]:
     """Rows shaped like openai/gsm8k (config main): {"question": str, "answer": str}."""
     return [{"question": _words(rng, vocab, int(rng.integers(25, 60))) + "?",
              "answer": _words(rng, vocab, int(rng.integers(20, 50))) + "\n#### " + str(int(rng.integers(1, 999)))}
             for _ in range(n)]
 
 
-def mmlu_rows(rng: np.random.Generator, vocab: list[str], n: int) -> list[dict]:
+def mmlu_rows(rng: np.random.Generator, vocab: np.ndarray, n: int) -> list[dict]:
     """Rows shaped like cais/mmlu: question, subject, choices (4 strings), answer (int)."""
     return [{"question": _words(rng, vocab, int(rng.integers(15, 40))), "subject": "abstract_algebra",
              "choices": [_words(rng, vocab, int(rng.integers(3, 20))) for _ in range(4)], "answer": int(rng.integers(0, 4))}
@@ -214,6 +216,6 @@ def test_curate_drops_contaminated_and_near_duplicate_pairs_and_reports_them(tmp
     assert "## Near-duplicates and contamination" in text and "| gsm8k | 20 |" in text
     assert (result.report_path.parent / SCREEN_PLOT).read_bytes()[:4] == b"\x89PNG"
     # a re-run replaces the rows: the same clusters and hits, no duplicates
-    curate(catalog, "run-synthetic", config)
+    curate(catalog, "run-synthetic", replace(config, report=False))
     assert catalog.query("SELECT count(*) AS n FROM clusters WHERE run_id = ?", ["run-synthetic"])["n"][0] == 2
     assert catalog.query("SELECT count(*) AS n FROM contamination WHERE run_id = ?", ["run-synthetic"])["n"][0] == 1

@@ -174,7 +174,7 @@ def test_band_spill_partitions_give_the_same_edges(tmp_path: Path, monkeypatch: 
 # ----------------------------------------------------------------------------- a planted set with known answers
 
 
-def _words(rng: np.random.Generator, vocab: list[str], k: int) -> str:
+def _words(rng: np.random.Generator, vocab: np.ndarray, k: int) -> str:
     return " ".join(rng.choice(vocab, k))
 
 
@@ -188,8 +188,8 @@ def planted_set(seed: int = 0, base: int = 1500) -> tuple[pl.DataFrame, dict[int
     prompt and chosen with another rejected, templated prompts.
     """
     rng = np.random.default_rng(seed)
-    vocab = ["".join(rng.choice(list("etaoinshrdlucmfwypvbgkqjxz"), size=int(rng.integers(2, 9))))
-             for _ in range(3000)]
+    letters = np.array(list("etaoinshrdlucmfwypvbgkqjxz"))
+    vocab = np.array(["".join(rng.choice(letters, size=int(rng.integers(2, 9)))) for _ in range(3000)])
     rows: list[dict] = []
     for i in range(base):
         short = i % 3 == 0  # a third with short answers, like the demo's
