@@ -126,6 +126,12 @@ def why_example(run_id: str) -> str:
             "AND pair_id LIKE '<prefix>%';")
 
 
+def screen_examples(run_id: str) -> list[str]:
+    """The queries listing a run's near-duplicate clusters and contamination hits (for reports)."""
+    return [f"SELECT * FROM clusters WHERE run_id = '{run_id}' ORDER BY size DESC, cluster_id;",
+            f"SELECT * FROM contamination WHERE run_id = '{run_id}' ORDER BY benchmark, pair_id;"]
+
+
 def why(catalog: Catalog, run_id: str, pair_id: str) -> pl.DataFrame:
     """The decision row(s) of a pair (a pair_id prefix is enough): reason, detail, weight, stage."""
     return catalog.query(WHY_SQL, [run_id, pair_id], read_only=False)

@@ -20,6 +20,7 @@ from curation.reads import (
     contamination_by_benchmark,
     near_duplicate_clusters,
     report_tables,
+    screen_examples,
     why_example,
 )
 from curation.schema import DecisionReason
@@ -372,6 +373,5 @@ def _screen_section(run_id: str, data: dict[str, Any]) -> list[str]:
             screen.get("benchmarks") is not None and screen["benchmarks"].height):
         out += [f"![near-duplicates and contamination]({SCREEN_PLOT})", ""]
     out += ["Every cluster and hit (`winnow query`):", "", "```sql",
-            f"SELECT * FROM clusters WHERE run_id = '{run_id}' ORDER BY size DESC, cluster_id;",
-            f"SELECT * FROM contamination WHERE run_id = '{run_id}' ORDER BY benchmark, pair_id;", "```", ""]
+            *screen_examples(run_id), "```", ""]
     return out
