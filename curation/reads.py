@@ -233,7 +233,9 @@ class PairTextScan:
         # here), and its optimiser, misjudging the run filter, would build the join's hash table on
         # the texts instead of the ids; the written join order is kept instead.
         self.con.execute(f"SET memory_limit = '{SCAN_MEMORY}'")
-        self.con.execute("SET disabled_optimizers = 'join_order,build_side_probe_side'")
+        known = {r[0] for r in self.con.execute("SELECT name FROM duckdb_optimizers()").fetchall()}
+        keep_order = ",".join(o for o in ("join_order", "build_side_probe_side") if o in known)
+        self.con.execute(f"SET disabled_optimizers = '{keep_order}'")  # DuckDB's own names
         self._stack.callback(self.con.execute, "RESET disabled_optimizers")
         self.con.register("_scan_excluded_view", self._excluded.to_arrow())
         self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_excluded AS SELECT DISTINCT pair_id FROM _scan_excluded_view")

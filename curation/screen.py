@@ -142,7 +142,7 @@ def _contamination(scan: PairTextScan, hits: list[pl.DataFrame],
                    index: NgramIndex | None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """The contamination table's rows, and per contaminated pair (idx, pair_id) its first hit and hit count."""
     if not hits or index is None:
-        return _empty_contamination(), pl.DataFrame(schema={"idx": pl.Int64, "pair_id": pl.String, "detail": pl.String})
+        return _empty_contamination(), pl.DataFrame(schema={"idx": pl.Int64, "pair_id": pl.String})
     side_order = {s: i for i, s in enumerate(SIDES)}
     frame = pl.concat(hits).with_columns(_side=pl.col("side").replace_strict(side_order, return_dtype=pl.Int32))
     frame = frame.join(scan.pair_ids(frame["idx"].unique().to_numpy()), on="idx", how="left").sort(
