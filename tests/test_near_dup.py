@@ -196,7 +196,7 @@ def planted_set(seed: int = 0, base: int = 1500) -> tuple[pl.DataFrame, dict[int
         rows.append({"prompt": f"{_words(rng, vocab, int(rng.integers(12, 40)))}?",
                      "chosen": _words(rng, vocab, int(rng.integers(2, 6) if short else rng.integers(60, 300))),
                      "rejected": _words(rng, vocab, int(rng.integers(2, 6) if short else rng.integers(60, 300)))})
-    for i in range(100):  # templated prompts, distinct content
+    for _ in range(100):  # templated prompts, distinct content
         rows.append({"prompt": f"Translate into French: {_words(rng, vocab, 6)}",
                      "chosen": _words(rng, vocab, 8), "rejected": _words(rng, vocab, 8)})
     originals = list(range(len(rows)))
