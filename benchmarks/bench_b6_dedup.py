@@ -164,6 +164,7 @@ def child_ours(args: argparse.Namespace) -> dict:
     c0, t0 = _cpu(), time.perf_counter()
     result = screen(catalog, args.run_id, NearDupConfig(), DecontamConfig(benchmarks=[args.bench]))
     wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    rss = _rss_mb()  # the step's high-water mark, before the check of the answers below reads the catalog
     rows = catalog.query("SELECT pair_id, source_row FROM pairs WHERE run_id = ?", [args.run_id])
     dropped = result.decisions.join(rows, on="pair_id")
     truth = json.loads(Path(args.truth).read_text())
@@ -175,7 +176,7 @@ def child_ours(args: argparse.Namespace) -> dict:
         score[name] = {"planted": len(planted), "found": len(found), "recall": hit / max(len(planted), 1),
                        "precision": hit / max(len(found), 1)}
     near = result.stats["near_dup"]
-    return {"wall": wall, "cpu": cpu, "scan": result.scan_seconds, "rss_mb": _rss_mb(), "rss_before_mb": rss_before,
+    return {"wall": wall, "cpu": cpu, "scan": result.scan_seconds, "rss_mb": rss, "rss_before_mb": rss_before,
             "candidates": near["candidates"], "verified": near["verified"], "clusters": near["clusters"],
             "partitions": near["partitions"], "score": score}
 

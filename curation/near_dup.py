@@ -280,10 +280,14 @@ def _similarity(batch: pl.DataFrame, x: str, y: str, cutoff: float | None = None
                           dtype=np.float64, score_cutoff=cutoff)
 
 
+def _ends(batch: pl.DataFrame) -> dict[str, np.ndarray]:
+    """Copies of the edge ends: a view would keep the whole Arrow batch, texts and all, alive."""
+    return {"a": batch["a"].to_numpy().copy(), "b": batch["b"].to_numpy().copy()}
+
+
 def prompt_similarities(batch: pl.DataFrame, cutoff: float | None = None) -> pl.DataFrame:
     """a, b, prompt_similarity of an edge batch (columns a, b, prompt_a, prompt_b): the cheap first check."""
-    return pl.DataFrame({"a": batch["a"], "b": batch["b"],
-                         "prompt_similarity": _similarity(batch, "prompt_a", "prompt_b", cutoff)})
+    return pl.DataFrame({**_ends(batch), "prompt_similarity": _similarity(batch, "prompt_a", "prompt_b", cutoff)})
 
 
 def similarities(batch: pl.DataFrame, cutoff: NearDupConfig | None = None) -> pl.DataFrame:
@@ -306,7 +310,7 @@ def similarities(batch: pl.DataFrame, cutoff: NearDupConfig | None = None) -> pl
         return np.minimum(one, other)
 
     return pl.DataFrame({
-        "a": batch["a"], "b": batch["b"],
+        **_ends(batch),
         "prompt_similarity": _similarity(batch, "prompt_a", "prompt_b", t_prompt),
         "same": both(("chosen_a", "chosen_b"), ("rejected_a", "rejected_b")),
         "swapped": both(("chosen_a", "rejected_b"), ("rejected_a", "chosen_b")),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -222,6 +223,7 @@ class PairTextScan:
         self._excluded = pl.DataFrame({"pair_id": excluded if excluded is not None else pl.Series([], dtype=pl.String)})
         self._stack: Any = None
         self._sides: tuple[str, ...] = ()
+        self._keep_order = ""
 
     def __enter__(self) -> PairTextScan:
         from contextlib import ExitStack
@@ -229,22 +231,19 @@ class PairTextScan:
         self._stack = ExitStack()
         self.con = self._stack.enter_context(self.catalog.connect())
         self._stack.enter_context(bounded_memory(self.con))  # restores the memory limit on exit
-        # Memory flat in the number of pairs: DuckDB caches the pages of `pairs` it scans (capped
-        # here), and its optimiser, misjudging the run filter, would build the join's hash table on
-        # the texts instead of the ids; the written join order is kept instead.
+        # Memory flat in the number of pairs: DuckDB caches the pages of `pairs` it scans (capped here)
         self.con.execute(f"SET memory_limit = '{SCAN_MEMORY}'")
         known = {r[0] for r in self.con.execute("SELECT name FROM duckdb_optimizers()").fetchall()}
-        keep_order = ",".join(o for o in ("join_order", "build_side_probe_side") if o in known)
-        self.con.execute(f"SET disabled_optimizers = '{keep_order}'")  # DuckDB's own names
-        self._stack.callback(self.con.execute, "RESET disabled_optimizers")
+        self._keep_order = ",".join(o for o in ("join_order", "build_side_probe_side") if o in known)
         self.con.register("_scan_excluded_view", self._excluded.to_arrow())
         self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_excluded AS SELECT DISTINCT pair_id FROM _scan_excluded_view")
         self.con.unregister("_scan_excluded_view")
-        self.con.execute(
-            """CREATE OR REPLACE TEMP TABLE _scan_ids AS
-               SELECT (row_number() OVER (ORDER BY p.source, p.source_row, p.pair_id) - 1)::BIGINT AS idx, p.pair_id,
-                      x.pair_id IS NULL AS clusterable
-               FROM pairs p LEFT JOIN _scan_excluded x USING (pair_id) WHERE p.run_id = ?""", [self.run_id])
+        with self._written_order():
+            self.con.execute(
+                """CREATE OR REPLACE TEMP TABLE _scan_ids AS
+                   SELECT (row_number() OVER (ORDER BY p.source, p.source_row, p.pair_id) - 1)::BIGINT AS idx,
+                          p.pair_id, x.pair_id IS NULL AS clusterable
+                   FROM pairs p LEFT JOIN _scan_excluded x USING (pair_id) WHERE p.run_id = ?""", [self.run_id])
         self.pairs, self.clusterable = (int(v or 0) for v in self.con.execute(
             "SELECT count(*), sum(clusterable::INT) FROM _scan_ids").fetchall()[0])
         return self
@@ -252,11 +251,25 @@ class PairTextScan:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
+    @contextmanager
+    def _written_order(self) -> Iterator[None]:
+        """Joins of `pairs` with a small table keep the written order, building on the small table.
+
+        DuckDB's optimiser, misjudging the run filter, would build the hash table on the texts of
+        `pairs` (all of them in memory) instead of on the ids it joins them to.
+        """
+        self.con.execute(f"SET disabled_optimizers = '{self._keep_order}'")  # DuckDB's own names
+        try:
+            yield
+        finally:
+            self.con.execute("RESET disabled_optimizers")
+
     def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
         """idx, clusterable, prompt, chosen, rejected of every pair of the run, `rows` at a time (any order)."""
-        yield from stream_arrow(self.con, """SELECT i.idx, i.clusterable, p.prompt, p.chosen, p.rejected
-                                             FROM pairs p JOIN _scan_ids i USING (pair_id) WHERE p.run_id = ?""",
-                                [self.run_id], rows)
+        with self._written_order():
+            yield from stream_arrow(self.con, """SELECT i.idx, i.clusterable, p.prompt, p.chosen, p.rejected
+                                                 FROM pairs p JOIN _scan_ids i USING (pair_id) WHERE p.run_id = ?""",
+                                    [self.run_id], rows)
 
     def _register_idx(self, name: str, idx: Any) -> None:
         self.con.register(f"{name}_view", pa.table({"idx": pa.array(idx, pa.int64())}))
@@ -276,11 +289,12 @@ class PairTextScan:
         self._register_idx("_scan_node_list", idx)
         columns = ", ".join(f"trim(regexp_replace(lower(coalesce(p.{side}, '')), ?, ' ', 'g')) AS {side}"
                             for side in sides)
-        self.con.execute(
-            f"""CREATE OR REPLACE TEMP TABLE _scan_nodes AS
-                SELECT i.idx, {columns}
-                FROM pairs p JOIN _scan_ids i USING (pair_id) JOIN _scan_node_list n ON n.idx = i.idx
-                WHERE p.run_id = ?""", [*([SEPARATORS] * len(sides)), self.run_id])
+        with self._written_order():
+            self.con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE _scan_nodes AS
+                    SELECT i.idx, {columns}
+                    FROM pairs p JOIN _scan_ids i USING (pair_id) JOIN _scan_node_list n ON n.idx = i.idx
+                    WHERE p.run_id = ?""", [*([SEPARATORS] * len(sides)), self.run_id])
         self._sides = sides
 
     def edge_texts(self, a: Any, b: Any, rows: int) -> Iterator[pa.RecordBatch]:

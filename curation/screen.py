@@ -50,7 +50,8 @@ __all__ = ["CLUSTER_COLUMNS", "CONTAMINATION_COLUMNS", "ScreenResult", "screen"]
 CLUSTER_COLUMNS = ("cluster_id", "pair_id", "representative", "duplicate_of", "size", "prompt_similarity",
                    "response_similarity", "orientation", "contradiction")
 CONTAMINATION_COLUMNS = ("pair_id", "benchmark", "benchmark_row", "benchmark_field", "field", "ngrams", "span")
-EDGE_ROWS = 20_000
+EDGE_ROWS = 20_000  # edges per batch of texts
+EDGE_CHUNK = 200_000  # edges per join: what DuckDB holds of the result and its hash table
 
 
 @dataclass
@@ -176,7 +177,7 @@ def _contamination_decisions(first: pl.DataFrame, config: DecontamConfig) -> pl.
 def _edge_similarities(scan: PairTextScan, a: np.ndarray, b: np.ndarray, measure: Any) -> pl.DataFrame:
     """`measure` (a function of an edge batch) over edges a-b, whose ends :meth:`load_nodes` loaded."""
     parts = []
-    for ea, eb in edge_batches(a, b, 1 << 22):  # one registration per few million edges
+    for ea, eb in edge_batches(a, b, EDGE_CHUNK):  # DuckDB joins a chunk of edges to the nodes at a time
         for batch in scan.edge_texts(ea, eb, EDGE_ROWS):
             parts.append(measure(pl.from_arrow(batch)))  # texts normalised by load_nodes
     if not parts:
