@@ -1,4 +1,4 @@
-"""Curation decisions, end to end: rules -> beta-guided filter -> stages -> advice -> catalog -> shards -> report.
+"""Curation decisions, end to end: rules -> screen -> beta-guided filter -> stages -> advice -> catalog -> shards -> report.
 
 One call, :func:`curate`, so the CLI and the Prefect task are thin. Every pair of the run
 gets exactly one `decisions` row: kept (its stage, its 0-based row in the stage's shard, and
@@ -20,14 +20,17 @@ import polars as pl
 from curation import paths
 from curation.advice import Advice, AdviceConfig, advise
 from curation.beta_filter import BetaFilterConfig, BetaFilterResult, beta_filter
+from curation.decontam import DecontamConfig
 from curation.errors import WinnowError
 from curation.filter import RuleFilterConfig, RulesConfig, Threshold, apply_rules
 from curation.heldout import HeldoutConfig, split_heldout
 from curation.jsonable import json_safe
 from curation.manifest import ReferenceInfo, ShardManifest, StageShard
+from curation.near_dup import NearDupConfig
 from curation.reads import WHY_SQL, run_config, scored_pairs, why
 from curation.schema import DecisionReason
 from curation.score.scoring import CONVERSATION_TOKENS
+from curation.screen import ScreenResult, screen
 from curation.shard import ShardSet, write_shards
 from curation.stage import StageConfig, assign_stages, placement_details, stage_summary
 from curation.store import Catalog
@@ -39,6 +42,8 @@ class CurateConfig:
     """Everything `winnow curate` decides with; the defaults are explained in docs/curation.md."""
 
     rules: RulesConfig = field(default_factory=RulesConfig)
+    near_dup: NearDupConfig = field(default_factory=NearDupConfig)  # curation/near_dup.py
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)  # curation/decontam.py
     beta: BetaFilterConfig = field(default_factory=BetaFilterConfig)
     stages: StageConfig = field(default_factory=StageConfig)
     advice: AdviceConfig = field(default_factory=AdviceConfig)
@@ -63,7 +68,9 @@ class CurateConfig:
                                          else Threshold.parse(threshold))
                 rules[name] = RuleFilterConfig(**rule)
         extra = {k: v for k, v in data.items() if k in ("compression", "report")}
-        return cls(rules=RulesConfig(**rules), beta=BetaFilterConfig(**(data.get("beta") or {})),
+        return cls(rules=RulesConfig(**rules), near_dup=NearDupConfig(**(data.get("near_dup") or {})),
+                   decontam=DecontamConfig(**(data.get("decontam") or {})),
+                   beta=BetaFilterConfig(**(data.get("beta") or {})),
                    stages=StageConfig(**(data.get("stages") or {})), advice=AdviceConfig(**(data.get("advice") or {})),
                    heldout=HeldoutConfig(**(data.get("heldout") or {})), **extra)
 
@@ -139,6 +146,24 @@ def _beta_details(entered: pl.DataFrame, result: BetaFilterResult, config: BetaF
     )
 
 
+def _screened(catalog: Catalog, run_id: str, frame: pl.DataFrame, config: CurateConfig) -> tuple[pl.DataFrame,
+                                                                                                 ScreenResult]:
+    """Near-duplicates and benchmark contamination (curation/screen.py) on top of the rule reasons.
+
+    After the rules, so a cluster's kept pair is one the rules keep; before the beta filter, so
+    copies of one pair do not weigh on the margin centre it measures. A rule reason stays first.
+    """
+    screened = screen(catalog, run_id, config.near_dup, config.decontam,
+                      excluded=frame.filter(pl.col("reason").is_not_null())["pair_id"])
+    frame = frame.join(screened.decisions.rename({"reason": "_screen_reason", "detail": "_screen_detail"}),
+                       on="pair_id", how="left", maintain_order="left")
+    ruled = pl.col("reason").is_not_null()
+    return frame.with_columns(
+        reason=pl.when(ruled).then("reason").otherwise("_screen_reason"),
+        detail=pl.when(ruled).then("detail").otherwise("_screen_detail"),
+    ).drop("_screen_reason", "_screen_detail"), screened
+
+
 def _dropped_counts(decisions: pl.DataFrame) -> dict[str, int]:
     counts = decisions.filter(~pl.col("kept")).group_by("reason").len().sort(["len", "reason"], descending=[True, False])
     return {r: int(n) for r, n in counts.iter_rows()}
@@ -163,6 +188,7 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
         reason=pl.when("_held").then(pl.lit(DecisionReason.HELDOUT.value)).otherwise(pl.col("reason")),
         detail=pl.when("_held").then(pl.lit(heldout.detail(config.heldout))).otherwise(pl.col("detail")),
     ).drop("_held")
+    frame, screened = _screened(catalog, run_id, frame, config)
     entered = frame.filter(pl.col("reason").is_null())
     beta = beta_filter(entered["margin"].cast(pl.Float64).to_numpy(), config.beta)
     beta_rows = _beta_details(entered, beta, config.beta)
@@ -198,11 +224,13 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
     shard_dir = out / "shards"
     shards = write_shards(catalog, run_id, assigned, shard_dir, compression=config.compression,
                           chat_template_logps=scoring.get("conversations") == CONVERSATION_TOKENS)
-    resolved_dict = {"rules": [r.to_dict() for r in resolved], "beta": beta.stats(), "heldout": heldout.to_dict()}
+    resolved_dict = {"rules": [r.to_dict() for r in resolved], **screened.stats, "beta": beta.stats(), "heldout": heldout.to_dict()}
     curate_record = json_safe({"settings": config.to_dict(), "resolved": resolved_dict, "scoring": scoring})
     with catalog.transaction() as con:
         catalog.replace_slice(con, "decisions", decisions, run_id=run_id)
         catalog.replace_slice(con, "stages", summary, run_id=run_id)
+        catalog.replace_slice(con, "clusters", screened.clusters, run_id=run_id)
+        catalog.replace_slice(con, "contamination", screened.contamination, run_id=run_id)
         catalog.replace_slice(con, "shards", pl.DataFrame(
             {"stage": [s.stage for s in shards.shards],
              "path": [str(s.path.resolve()) for s in shards.shards], "rows": [s.rows for s in shards.shards],
@@ -216,7 +244,7 @@ def curate(catalog: Catalog, run_id: str, config: CurateConfig | None = None) ->
         catalog.upsert_run(run_id, con, stage="curate", status="curated", config={"curate": curate_record},
                            accounting={"curate": {"pairs": frame.height, "kept": kept.height, "dropped": dropped,
                                                   "stages": summary["pairs"].to_list()}},
-                           timings={"curate": round(time.perf_counter() - start, 3)})
+                           timings={"curate": round(time.perf_counter() - start, 3), "screen": screened.seconds})
     manifest_path = _manifest(run_id, frame.height, kept.height, dropped, summary, shards, scoring, config,
                               resolved_dict, advice).write(shard_dir)
     report_path = None

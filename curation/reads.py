@@ -8,14 +8,17 @@ value is a bound parameter; table names come from the schema, never from user in
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 
 from curation.errors import WinnowError
 from curation.schema import DecisionReason
-from curation.store import TABLES, Catalog, bounded_memory, fetch_polars, sql_literal
+from curation.store import TABLES, Catalog, bounded_memory, fetch_polars, sql_literal, stream_arrow
 
 PAIR_TEXT_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "source", "source_row")
 
@@ -183,6 +186,12 @@ def why_example(run_id: str) -> str:
             "AND pair_id LIKE '<prefix>%';")
 
 
+def screen_examples(run_id: str) -> list[str]:
+    """The queries listing a run's near-duplicate clusters and contamination hits (for reports)."""
+    return [f"SELECT * FROM clusters WHERE run_id = '{run_id}' ORDER BY size DESC, cluster_id;",
+            f"SELECT * FROM contamination WHERE run_id = '{run_id}' ORDER BY benchmark, pair_id;"]
+
+
 def why(catalog: Catalog, run_id: str, pair_id: str) -> pl.DataFrame:
     """The decision row(s) of a pair (a pair_id prefix is enough): reason, detail, weight, stage."""
     return catalog.query(WHY_SQL, [run_id, pair_id], read_only=False)
@@ -273,3 +282,152 @@ def curated_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
                   d.kept, d.reason, d.stage
            FROM pairs p JOIN scores s USING (run_id, pair_id) JOIN decisions d USING (run_id, pair_id)
            WHERE p.run_id = ? ORDER BY p.source_row""", [run_id], read_only=False)
+
+
+# -- near-duplicates and contamination (curation/screen.py) -----------------------------------------------
+
+
+SCAN_SIDES = ("prompt", "chosen", "rejected")
+SCAN_MEMORY = "256MB"  # DuckDB's cap during the scan session (the texts stream; temporary tables spill)
+
+
+class PairTextScan:
+    """One connection over a run's pair texts for the near-duplicate and contamination step.
+
+    On entry it numbers the run's pairs in first-seen order (``idx``: by source, source_row) in a
+    temporary table, marking the pairs in `excluded` (rule drops) as not clusterable. Then:
+    :meth:`batches` streams every pair's texts (DuckDB streams the join, memory holds one batch),
+    :meth:`load_nodes` copies the texts of the pairs that met in an LSH bucket into a temporary
+    table and :meth:`edge_texts` streams both ends of edges from it. Temporary tables die with the
+    connection; nothing is written to the catalog.
+    """
+
+    def __init__(self, catalog: Catalog, run_id: str, excluded: pl.Series | None = None) -> None:
+        self.catalog, self.run_id = catalog, run_id
+        self._excluded = pl.DataFrame({"pair_id": excluded if excluded is not None else pl.Series([], dtype=pl.String)})
+        self._stack: Any = None
+        self._sides: tuple[str, ...] = ()
+        self._keep_order = ""
+
+    def __enter__(self) -> PairTextScan:
+        from contextlib import ExitStack
+
+        self._stack = ExitStack()
+        self.con = self._stack.enter_context(self.catalog.connect())
+        self._stack.enter_context(bounded_memory(self.con))  # restores the memory limit on exit
+        # Memory flat in the number of pairs: DuckDB caches the pages of `pairs` it scans (capped here)
+        self.con.execute(f"SET memory_limit = '{SCAN_MEMORY}'")
+        known = {r[0] for r in self.con.execute("SELECT name FROM duckdb_optimizers()").fetchall()}
+        self._keep_order = ",".join(o for o in ("join_order", "build_side_probe_side") if o in known)
+        self.con.register("_scan_excluded_view", self._excluded.to_arrow())
+        self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_excluded AS SELECT DISTINCT pair_id FROM _scan_excluded_view")
+        self.con.unregister("_scan_excluded_view")
+        with self._written_order():
+            self.con.execute(
+                """CREATE OR REPLACE TEMP TABLE _scan_ids AS
+                   SELECT (row_number() OVER (ORDER BY p.source, p.source_row, p.pair_id) - 1)::BIGINT AS idx,
+                          p.pair_id, x.pair_id IS NULL AS clusterable
+                   FROM pairs p LEFT JOIN _scan_excluded x USING (pair_id) WHERE p.run_id = ?""", [self.run_id])
+        self.pairs, self.clusterable = (int(v or 0) for v in self.con.execute(
+            "SELECT count(*), sum(clusterable::INT) FROM _scan_ids").fetchall()[0])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @contextmanager
+    def _written_order(self) -> Iterator[None]:
+        """Joins of `pairs` with a small table keep the written order, building on the small table.
+
+        DuckDB's optimiser, misjudging the run filter, would build the hash table on the texts of
+        `pairs` (all of them in memory) instead of on the ids it joins them to.
+        """
+        self.con.execute(f"SET disabled_optimizers = '{self._keep_order}'")  # DuckDB's own names
+        try:
+            yield
+        finally:
+            self.con.execute("RESET disabled_optimizers")
+
+    def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
+        """idx, clusterable, prompt, chosen, rejected of every pair of the run, `rows` at a time (any order)."""
+        with self._written_order():
+            yield from stream_arrow(self.con, """SELECT i.idx, i.clusterable, p.prompt, p.chosen, p.rejected
+                                                 FROM pairs p JOIN _scan_ids i USING (pair_id) WHERE p.run_id = ?""",
+                                    [self.run_id], rows)
+
+    def _register_idx(self, name: str, idx: Any) -> None:
+        self.con.register(f"{name}_view", pa.table({"idx": pa.array(idx, pa.int64())}))
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT DISTINCT idx FROM {name}_view")
+        self.con.unregister(f"{name}_view")
+
+    def load_nodes(self, idx: Any, sides: tuple[str, ...] = SCAN_SIDES) -> None:
+        """Copy the normalised `sides` of pairs `idx` into a temporary table for :meth:`edge_texts`.
+
+        Normalised as :func:`curation.shingles.normalise` does (lower case, runs of punctuation,
+        symbols and whitespace to one space, trimmed), once per pair rather than once per edge.
+        """
+        from curation.shingles import SEPARATORS
+
+        if not sides or not set(sides) <= set(SCAN_SIDES):
+            raise ValueError(f"sides must be among {SCAN_SIDES}, got {sides}")
+        self._register_idx("_scan_node_list", idx)
+        columns = ", ".join(f"trim(regexp_replace(lower(coalesce(p.{side}, '')), ?, ' ', 'g')) AS {side}"
+                            for side in sides)
+        with self._written_order():
+            self.con.execute(
+                f"""CREATE OR REPLACE TEMP TABLE _scan_nodes AS
+                    SELECT i.idx, {columns}
+                    FROM pairs p JOIN _scan_ids i USING (pair_id) JOIN _scan_node_list n ON n.idx = i.idx
+                    WHERE p.run_id = ?""", [*([SEPARATORS] * len(sides)), self.run_id])
+        self._sides = sides
+
+    def edge_texts(self, a: Any, b: Any, rows: int) -> Iterator[pa.RecordBatch]:
+        """a, b and the loaded sides of both ends (`<side>_a`, `<side>_b`) of edges between loaded nodes."""
+        self.con.register("_scan_edges_view", pa.table({"a": pa.array(a, pa.int64()), "b": pa.array(b, pa.int64())}))
+        self.con.execute("CREATE OR REPLACE TEMP TABLE _scan_edges AS SELECT * FROM _scan_edges_view")
+        self.con.unregister("_scan_edges_view")
+        columns = ", ".join(f"{end}.{side} AS {side}_{tag}" for end, tag in (("x", "a"), ("y", "b")) for side in self._sides)
+        yield from stream_arrow(self.con, f"""
+            SELECT e.a, e.b, {columns}
+            FROM _scan_edges e JOIN _scan_nodes x ON x.idx = e.a JOIN _scan_nodes y ON y.idx = e.b""", None, rows)
+
+    def pair_ids(self, idx: Any) -> pl.DataFrame:
+        """idx, pair_id of the given pairs."""
+        self._register_idx("_scan_wanted", idx)
+        return fetch_polars(self.con, "SELECT i.idx, i.pair_id FROM _scan_ids i JOIN _scan_wanted w USING (idx)")
+
+    def margins(self, idx: Any) -> pl.DataFrame:
+        """idx, margin of the given pairs that are scored."""
+        self._register_idx("_scan_wanted", idx)
+        return fetch_polars(self.con, """SELECT t.idx, s.margin FROM scores s
+                                         JOIN (SELECT i.idx, i.pair_id FROM _scan_ids i JOIN _scan_wanted w USING (idx)) t
+                                         ON s.pair_id = t.pair_id WHERE s.run_id = ?""", [self.run_id])
+
+
+def near_duplicate_clusters(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """Every member of the run's near-duplicate clusters with its decision, largest clusters first."""
+    return catalog.query(
+        """SELECT c.cluster_id, c.size, c.pair_id, c.representative, c.duplicate_of, c.prompt_similarity,
+                  c.response_similarity, c.orientation, c.contradiction, d.kept, d.reason
+           FROM clusters c LEFT JOIN decisions d USING (run_id, pair_id)
+           WHERE c.run_id = ? ORDER BY c.size DESC, c.cluster_id, c.representative DESC, c.pair_id""",
+        [run_id], read_only=False)
+
+
+def cluster_size_counts(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """size, clusters, pairs, contradiction clusters: the cluster-size histogram of a run."""
+    return catalog.query(
+        """SELECT size, count(DISTINCT cluster_id) AS clusters, count(*) AS pairs,
+                  count(DISTINCT cluster_id) FILTER (WHERE contradiction) AS contradictions
+           FROM clusters WHERE run_id = ? GROUP BY size ORDER BY size""", [run_id], read_only=False)
+
+
+def contamination_by_benchmark(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """benchmark, pairs hit, hits by pair field, benchmark rows hit, and an example span."""
+    return catalog.query(
+        """SELECT benchmark, count(DISTINCT pair_id) AS pairs,
+                  count(*) FILTER (WHERE field = 'prompt') AS prompt, count(*) FILTER (WHERE field = 'chosen') AS chosen,
+                  count(*) FILTER (WHERE field = 'rejected') AS rejected,
+                  count(DISTINCT benchmark_row) AS benchmark_rows, min(span) AS example_span
+           FROM contamination WHERE run_id = ? GROUP BY benchmark ORDER BY pairs DESC, benchmark""",
+        [run_id], read_only=False)

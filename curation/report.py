@@ -32,6 +32,7 @@ from curation.report_doc import (
     markdown_table,
     render_markdown,
 )
+from curation.report_screen import SCREEN_PLOT, has_screen_plot, plot_screen, screen_data, screen_section
 from curation.schema import DecisionReason
 from curation.store import Catalog
 
@@ -61,6 +62,7 @@ def report_data(catalog: Catalog, run_id: str) -> dict[str, Any]:
     data["train"] = train_curves(catalog, run_id)
     data["evals"] = eval_table(catalog, run_id)
     data["examples"] = drop_examples(catalog, run_id)
+    data["screen"] = screen_data(catalog, run_id)
     return data
 
 
@@ -437,7 +439,7 @@ def catalog_section(run_id: str, data: dict[str, Any]) -> Section:
 
 # A section written as markdown lines (with its "## Title") joins as
 # `lambda run_id, data: markdown_section("key", lines_of(data))` (curation.report_doc.markdown_section).
-SECTIONS = [decisions_section, plots_section, filters_section, lengths_section, stages_section, advice_section,
+SECTIONS = [decisions_section, plots_section, filters_section, screen_section, lengths_section, stages_section, advice_section,
             training_section, evaluation_section, examples_section, catalog_section]
 
 
@@ -477,6 +479,9 @@ def build_report(catalog: Catalog, run_id: str, out_dir: Path | None = None) -> 
     _plot_edits(data, out / "edit_distance.png")
     _plot_lengths(data, out / "length_gap.png")
     plot_token_lengths(data, out / "token_lengths.png")
+    (out / SCREEN_PLOT).unlink(missing_ok=True)
+    if has_screen_plot(data["screen"]):
+        plot_screen(data["screen"], out / SCREEN_PLOT)
     (out / TRAINING_PLOT).unlink(missing_ok=True)
     if data["train"].height:
         _plot_training(data, out / TRAINING_PLOT)

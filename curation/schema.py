@@ -42,6 +42,9 @@ class DecisionReason(StrEnum):
     LENGTH_RATIO = "length_ratio"
     LOW_MARGIN = "low_margin"
     NO_MARGIN = "no_margin"
+    CONTAMINATED = "contaminated"  # an n-gram of an evaluation set the user named (curation/decontam.py)
+    NEAR_CONTRADICTION = "near_contradiction"  # a near-duplicate cluster that disagrees on the winner
+    NEAR_DUPLICATE = "near_duplicate"  # a near-duplicate of a kept pair (curation/near_dup.py)
     BETA_OUTLIER_LOW = "beta_outlier_low"
     BETA_OUTLIER_HIGH = "beta_outlier_high"
 

@@ -108,6 +108,31 @@ TABLES: dict[str, str] = {
         stage_position BIGINT,
         PRIMARY KEY (run_id, pair_id)
     """,
+    # near-duplicate clusters (curation/near_dup.py): one row per member; duplicate_of is the kept pair
+    "clusters": """
+        run_id VARCHAR,
+        cluster_id INTEGER,
+        pair_id VARCHAR,
+        representative BOOLEAN,
+        duplicate_of VARCHAR,
+        size INTEGER,
+        prompt_similarity DOUBLE,
+        response_similarity DOUBLE,
+        orientation VARCHAR,
+        contradiction BOOLEAN,
+        PRIMARY KEY (run_id, pair_id)
+    """,
+    # benchmark n-gram hits (curation/decontam.py): one row per pair, benchmark and pair field
+    "contamination": """
+        run_id VARCHAR,
+        pair_id VARCHAR,
+        benchmark VARCHAR,
+        benchmark_row BIGINT,
+        benchmark_field VARCHAR,
+        field VARCHAR,
+        ngrams BIGINT,
+        span VARCHAR
+    """,
     "stages": """
         run_id VARCHAR,
         stage INTEGER,
@@ -452,6 +477,16 @@ def fetch_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | No
     """Arrow out of DuckDB without a row loop (works across DuckDB 1.x and 2.x)."""
     relation = con.sql(sql, params=params or None)
     return relation.to_arrow_table() if hasattr(relation, "to_arrow_table") else relation.arrow()
+
+
+def stream_arrow(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None, rows: int) -> Iterator[pa.RecordBatch]:
+    """A query's rows as record batches of `rows`, streamed: memory holds a batch, not the result.
+
+    A relation, not `execute`: DuckDB copies a DB-API result whole before handing it to Arrow.
+    """
+    relation = con.sql(sql, params=params or None)
+    reader = relation.to_arrow_reader(rows) if hasattr(relation, "to_arrow_reader") else relation.fetch_arrow_reader(rows)
+    yield from reader
 
 
 def fetch_polars(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> pl.DataFrame:
