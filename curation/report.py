@@ -224,7 +224,7 @@ def _markdown(run_id: str, data: dict[str, Any]) -> str:
     else:
         cut = (f" Weight cut-off {beta['weight_cutoff']:.3g}: kept margins lie in "
                f"[{beta['margin_low']:.4g}, {beta['margin_high']:.4g}]." if beta.get("weight_cutoff") is not None else "")
-        out += [f"Beta-guided filter: mode `{beta['mode']}`, rho {settings['rho']}, centre `{settings['centre']}` "
+        out += [f"Beta-guided filter: mode `{beta['mode']}`, keep {settings['keep']}, centre `{settings['centre']}` "
                 f"({beta['centre']:.4g}), scale {beta['scale']:.4g}, seed {settings['seed']}; kept {beta['kept']}, "
                 f"dropped {beta['dropped']}.{cut}", ""]
     if data["advice"].height:

@@ -274,13 +274,13 @@ def test_beta_filter_removes_flipped_labels_with_precision_and_recall(tmp_path: 
     assert sample_precision >= 0.4
 
 
-@pytest.mark.parametrize(("n", "rho"), [(10, 0.3), (100, 0.2), (7, 0.5), (2944, 0.2), (5, 0.0)])
-def test_kept_count_is_the_papers_floor(n: int, rho: float) -> None:
-    expected = {(10, 0.3): 7, (100, 0.2): 80, (7, 0.5): 3, (2944, 0.2): 2355, (5, 0.0): 5}[(n, rho)]
-    assert kept_count(n, rho) == expected
+@pytest.mark.parametrize(("n", "keep"), [(10, 0.7), (100, 0.8), (7, 0.5), (2944, 0.8), (5, 1.0)])
+def test_kept_count_is_the_papers_floor(n: int, keep: float) -> None:
+    expected = {(10, 0.7): 7, (100, 0.8): 80, (7, 0.5): 3, (2944, 0.8): 2355, (5, 1.0): 5}[(n, keep)]
+    assert kept_count(n, keep) == expected
     margins = np.random.default_rng(n).normal(size=n)
     for mode in ("sample", "threshold"):
-        assert beta_filter(margins, BetaFilterConfig(mode=mode, rho=rho)).keep.sum() == expected
+        assert beta_filter(margins, BetaFilterConfig(mode=mode, keep=keep)).keep.sum() == expected
 
 
 def _exact_inclusion(weights: np.ndarray, k: int) -> np.ndarray:
@@ -321,13 +321,31 @@ def test_sample_mode_reproduces_the_reference_draw() -> None:
 
 def test_beta_filter_centres_and_tails() -> None:
     margins = np.array([-9.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0, 20.0, 2.2, 2.8])
-    result = beta_filter(margins, BetaFilterConfig(rho=0.2))
+    result = beta_filter(margins, BetaFilterConfig(keep=0.8))
     assert not result.keep[0] and not result.keep[7] and result.keep[1:7].all()
     assert list(result.tail[[0, 7]]) == ["low", "high"]
     assert result.centre == pytest.approx(2.65)
     assert beta_filter(margins, BetaFilterConfig(enabled=False)).keep.all()
     with pytest.raises(WinnowError):
-        BetaFilterConfig(rho=1.0)
+        BetaFilterConfig(keep=0.0)
+
+
+def test_beta_filter_keep_is_the_papers_rho_and_rho_is_refused() -> None:
+    """The paper's rho (0.8) is the share kept: `keep=0.8` keeps 80%; the old drop-share `rho` fails in one line."""
+    margins = np.random.default_rng(0).normal(size=100)
+    assert beta_filter(margins, BetaFilterConfig(keep=0.8)).keep.sum() == 80
+    for bad in ({"rho": 0.8}, {"rho": 0.2}):
+        with pytest.raises(WinnowError, match="set `keep`, the share KEPT"):
+            BetaFilterConfig(**bad)
+    with pytest.raises(WinnowError, match="for a drop share d set keep = 1 - d"):
+        BetaFilterConfig(keep=0.2)
+    from flows.config import PipelineConfig
+
+    with pytest.raises(WinnowError, match="share KEPT"):  # a recipe or --set with the old name
+        PipelineConfig.load(None, {"curate.beta.rho": 0.8})
+    with pytest.raises(WinnowError, match="curate.beta.keeep"):  # and a typo is not silently ignored
+        PipelineConfig.load(None, {"curate.beta.keeep": 0.8})
+    assert PipelineConfig.load(None, {"curate.beta.keep": 0.9}).curate.beta.keep == 0.9
 
 
 # ----------------------------------------------------------------------------- rules

@@ -37,6 +37,11 @@ class TrainConfig:
     lora_alpha: int = setting(32, help="LoRA alpha.")
     reuse_reference_logps: bool = setting(True, help="Stage 1 reuses curation's reference log-probs when they match.")
     max_stages: int | None = setting(None, help="Train only the first N stages.")
+    online_curation: bool = setting(False, help="Online curation between sDPO stages: before stage k+1, re-score the "
+                                                "pairs not yet taught (later stages and the beta filter's drops) with "
+                                                "the stage-k policy margin, re-run the beta-guided filter at the same "
+                                                "share and re-stage them; every round's decisions go to the catalog "
+                                                "table decision_rounds (training/online.py).")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import torch
@@ -27,6 +27,9 @@ from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
 from curation.manifest import ShardManifest, StageShard
 from training.config import TrainConfig, resolve_objective
 from training.trainer import MetricsRecorder, WinnowDPOTrainer
+
+if TYPE_CHECKING:
+    from training.online import OnlineContext, OnlinePool
 
 COMPLETE = "COMPLETE"
 TRL_TRUNCATION = "keep_start"  # DPOConfig's default, for direct calls that leave truncation_mode unset
@@ -193,8 +196,12 @@ def train_stages(
     metrics_sink: Callable[[int, list[dict[str, Any]]], None] | None = None,
     callbacks: Sequence[Any] = (),
     progress: bool = True,
+    online: OnlineContext | None = None,
 ) -> list[StageResult]:
-    """Train every stage of a curated shard folder in order; resumes after completed stages."""
+    """Train every stage of a curated shard folder in order; resumes after completed stages.
+
+    ``online``: the run's catalog, which online curation (``config.online_curation``) reads and writes.
+    """
     config = config or TrainConfig()
     manifest = ShardManifest.load(shard_dir)
     stages = manifest.selected(config.max_stages)
@@ -204,6 +211,7 @@ def train_stages(
     current: str | Path = base_model
     results: list[StageResult] = []
     fingerprint = ""
+    pools: dict[str, OnlinePool] = {}  # online curation's pool, built at its first round
     for entry in stages:
         stage = entry.stage
         stage_dir = output_dir / f"stage-{stage}"
@@ -216,6 +224,8 @@ def train_stages(
         shutil.rmtree(stage_dir, ignore_errors=True)  # a partial or differently configured stage
         frame = load_stage_frame(manifest, entry)
         reference_source = _reference_plan(frame, stage, current, base_model, manifest, config, lengths)
+        frame, reference_source = _online_curation(stage, frame, reference_source, current, base_model, manifest,
+                                                   stages, config, lengths, output_dir, online, pools, progress)
         results.append(
             train_stage(stage, frame, current, stage_dir, config, manifest.advice, reference_source=reference_source,
                         metrics_sink=metrics_sink, callbacks=callbacks, progress=progress, fingerprint=fingerprint)
@@ -271,3 +281,49 @@ def _reference_plan(frame: pl.DataFrame, stage: int, current: str | Path, base_m
             and str(current) == str(base_model)):
         return "curation"
     return "recomputed"
+
+
+# -- online curation between stages (training/online.py) ------------------------------------------
+
+
+def _online_curation(stage: int, frame: pl.DataFrame, reference_source: str, current: str | Path,
+                     base_model: str | Path, manifest: ShardManifest, stages: list[StageShard], config: TrainConfig,
+                     lengths: TrainingLengths, output_dir: Path, online: OnlineContext | None,
+                     pools: dict[str, OnlinePool], progress: bool) -> tuple[pl.DataFrame, str]:
+    """Round k = stage - 1 of online curation, before stage k+1 trains (a no-op unless config.online_curation).
+
+    The pairs not yet taught are re-decided with the stage-k policy (``current``); the stage's frame
+    becomes the round's choice and carries that policy's log-probs, which are this stage's reference
+    log-probs, so none are recomputed (reference source ``online``). Needs the run's catalog.
+    """
+    if not config.online_curation or stage == 1:
+        return frame, reference_source
+    from curation.lm.loading import load_model, load_tokenizer
+    from training.online import build_pool, online_round, write_round
+
+    if online is None:
+        raise WinnowError("online curation needs the run's catalog (train through `winnow run`, or pass online=OnlineContext"
+                          "(catalog, run_id) to train_stages), or set train.online_curation=false")
+    if _is_conversational(frame):
+        raise WinnowError("online curation scores plain-text pairs; this run is conversational: set "
+                          "train.online_curation=false")
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise WinnowError("online curation runs in single-process training; set train.online_curation=false for "
+                          "multi-process runs")
+
+    def score(model_path: str | Path, pairs: pl.DataFrame) -> pl.DataFrame:
+        return _reference_logps(load_model(model_path), load_tokenizer(model_path), pairs, config, progress)
+
+    if "pool" not in pools:
+        ref = manifest.reference
+        reuse = (manifest.ref_logps_included and config.reuse_reference_logps and ref.model is not None
+                 and str(ref.model) == str(base_model)
+                 and (ref.max_length, ref.truncation_mode) == (lengths.max_length, lengths.truncation_mode))
+        pools["pool"] = build_pool(online, manifest, [e for e in stages if e.stage > 1],
+                                   lambda e: load_stage_frame(manifest, e), base_model, score, reuse)
+    taught = {pid for done in range(1, stage)
+              for pid in pl.read_parquet(output_dir / f"stage-{done}" / REFERENCE_LOGPS_FILE)["pair_id"].to_list()}
+    beta = resolve_objective(config, manifest.advice).beta
+    rows, frames = online_round(online, stage - 1, current, pools["pool"], taught, beta, score)
+    write_round(online, stage - 1, rows)
+    return frames[stage], "online"
