@@ -157,6 +157,7 @@ def report_tables(catalog: Catalog, run_id: str) -> dict[str, Any]:
             "advice": q("SELECT * FROM advice WHERE run_id = ?"),
             "by_reason": q("""SELECT reason, stage, count(*) AS pairs FROM decisions WHERE run_id = ?
                               GROUP BY reason, stage ORDER BY (reason = 'kept') DESC, stage, pairs DESC, reason"""),
+            "rounds": q(ROUND_SUMMARY_SQL),  # online curation rounds, if training ran them
         }
 
 
@@ -220,14 +221,16 @@ def beta_dropped_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
         [run_id, DecisionReason.BETA_OUTLIER_LOW.value, DecisionReason.BETA_OUTLIER_HIGH.value], read_only=False)
 
 
+ROUND_SUMMARY_SQL = """SELECT round, any_value(scoring_model) AS scoring_model, count(*) AS pairs,
+       count(*) FILTER (WHERE kept) AS kept, count(*) FILTER (WHERE NOT kept) AS dropped,
+       count(*) FILTER (WHERE kept AND NOT previous_kept) AS readmitted,
+       count(*) FILTER (WHERE previous_kept AND NOT kept) AS newly_dropped
+FROM decision_rounds WHERE run_id = ? GROUP BY round ORDER BY round"""
+
+
 def round_summary(catalog: Catalog, run_id: str) -> pl.DataFrame:
     """Per online round: pairs re-decided, kept, dropped, re-admitted (dropped before, kept now), newly dropped."""
-    return catalog.query(
-        """SELECT round, any_value(scoring_model) AS scoring_model, count(*) AS pairs,
-                  count(*) FILTER (WHERE kept) AS kept, count(*) FILTER (WHERE NOT kept) AS dropped,
-                  count(*) FILTER (WHERE kept AND NOT previous_kept) AS readmitted,
-                  count(*) FILTER (WHERE previous_kept AND NOT kept) AS newly_dropped
-           FROM decision_rounds WHERE run_id = ? GROUP BY round ORDER BY round""", [run_id], read_only=False)
+    return catalog.query(ROUND_SUMMARY_SQL, [run_id], read_only=False)
 
 
 def round_placements(catalog: Catalog, run_id: str, round_no: int) -> pl.DataFrame:

@@ -227,6 +227,7 @@ def _markdown(run_id: str, data: dict[str, Any]) -> str:
         out += [f"Beta-guided filter: mode `{beta['mode']}`, keep {settings['keep']}, centre `{settings['centre']}` "
                 f"({beta['centre']:.4g}), scale {beta['scale']:.4g}, seed {settings['seed']}; kept {beta['kept']}, "
                 f"dropped {beta['dropped']}.{cut}", ""]
+    out += filtering_section(data)
     if data["advice"].height:
         advice = data["advice"].row(0, named=True)
         evidence = json.loads(advice["evidence"])
@@ -240,6 +241,37 @@ def _markdown(run_id: str, data: dict[str, Any]) -> str:
             "Why was a pair dropped (a pair_id prefix is enough):", "", "```sql",
             why_example(run_id), "```", ""]
     return "\n".join(out)
+
+
+def filtering_section(data: dict[str, Any]) -> list[str]:
+    """Markdown lines: the total share of the pairs dropped and where (rules, offline beta filter, online
+    rounds, beta-DPO's in-batch filter), from the decisions, the online rounds and the advice's policy."""
+    pairs, total = data["pairs"], max(data["pairs"].height, 1)
+    beta_reasons = [DecisionReason.BETA_OUTLIER_LOW.value, DecisionReason.BETA_OUTLIER_HIGH.value]
+    ruled = int((~pairs["kept"] & ~pairs["reason"].is_in(beta_reasons)).sum())
+    beta = int(pairs["reason"].is_in(beta_reasons).sum())
+    kept = int(pairs["kept"].sum())
+    rows: list[list[Any]] = [["rule filters (offline)", ruled, f"{ruled / total:.1%}", "per pair in `decisions`"],
+                             ["beta-guided filter (offline)", beta, f"{beta / total:.1%}", "per pair in `decisions`"]]
+    for r in data.get("rounds", pl.DataFrame()).to_dicts():
+        rows.append([f"online round {r['round']} (after stage {r['round']})", 0, "0.0%",
+                     f"re-decided {r['pairs']} pairs: {r['readmitted']} re-admitted, {r['newly_dropped']} newly "
+                     "dropped (same share; `decision_rounds`)"])
+    filtering = {}
+    if data["advice"].height:
+        filtering = json.loads(data["advice"].row(0, named=True)["evidence"]).get("filtering") or {}
+    in_batch = filtering.get("in_batch_keep")
+    batch_drop = kept * (1 - in_batch) if in_batch is not None else 0.0
+    rows.append(["beta-DPO in-batch filter (training)", round(batch_drop), f"{batch_drop / total:.1%}",
+                 f"keeps {in_batch:.1%} of each batch (expected)" if in_batch is not None else
+                 "none: the objective has no in-batch filter"])
+    dropped = ruled + beta + batch_drop
+    rows.append(["**total**", round(dropped), f"**{dropped / total:.1%}**", f"{total - dropped:.0f} of {total} pairs "
+                 "reach the loss"])
+    policy = (f"Policy `{filtering['policy']}` (keep {filtering['filter_keep']:g}, the paper's rho, for the beta "
+              "filters together), recorded with the advice." if filtering else "No filtering policy recorded.")
+    return ["## What was dropped, and where", "", policy, "",
+            _table(["where", "pairs", "share of all", "note"], rows), ""]
 
 
 def _threshold_text(threshold: dict[str, Any] | None) -> str:

@@ -473,8 +473,9 @@ def _advice_frame(n: int = 400, *, longer: bool = False, low_edit: bool = False,
     ({}, "dpo", {}),
     ({"longer": True}, "ln-dpo", {}),
     ({"low_edit": True}, "dpop", {"dpop_lambda": 50.0}),
-    ({"flipped": 0.15, "low_edit": True}, "beta-dpo", {"dpop_lambda": 50.0}),
-    ({"flipped": 0.15, "longer": True}, "beta-dpo", {"length_normalize": True, "beta": 2.0}),
+    # entered == kept here (no offline filter), so under the joint policy beta-DPO keeps the paper's 0.8
+    ({"flipped": 0.15, "low_edit": True}, "beta-dpo", {"dpop_lambda": 50.0, "beta_keep": 0.8}),
+    ({"flipped": 0.15, "longer": True}, "beta-dpo", {"length_normalize": True, "beta": 2.0, "beta_keep": 0.8}),
 ])
 def test_advice_follows_the_signals_and_builds_an_objective(kwargs, objective: str, params: dict) -> None:
     frame = _advice_frame(**kwargs)
@@ -486,6 +487,35 @@ def test_advice_follows_the_signals_and_builds_an_objective(kwargs, objective: s
 
     built = Objective.from_preset(advice.objective, **advice.params)
     assert built.dpop_lambda == params.get("dpop_lambda", built.dpop_lambda)
+
+
+def test_one_filtering_policy_for_offline_and_in_batch_filtering() -> None:
+    """The offline and the in-batch filter drop 20% jointly (the paper's share), not 36%, and the advice says so."""
+    frame = _advice_frame(flipped=0.15)
+    kept = frame.head(int(frame.height * 0.8))  # what an offline filter keeping 80% passes on
+    joint = advise(frame, kept, "scores", AdviceConfig())
+    assert joint.objective == "beta-dpo" and joint.params["beta_keep"] == 1.0  # nothing more dropped in-batch
+    f = joint.evidence["filtering"]
+    assert (f["policy"], f["filter_keep"], f["offline_kept_share"], f["in_batch_keep"]) == ("joint", 0.8, 0.8, 1.0)
+    assert f["total_kept_share"] == pytest.approx(0.8) and "Filtering policy `joint`" in joint.rationale
+    # no offline filter: the in-batch filter takes the whole 20%; a milder offline filter: the rest
+    assert advise(frame, frame, "scores").params["beta_keep"] == 0.8
+    ninety = advise(frame, frame.head(int(frame.height * 0.9)), "scores").evidence["filtering"]
+    assert ninety["in_batch_keep"] == pytest.approx(0.8 / 0.9, abs=1e-4)
+    assert ninety["total_kept_share"] == pytest.approx(0.8, abs=1e-4)
+    # "each": both papers' filters stacked, and the product is what the advice records
+    each = advise(frame, kept, "scores", AdviceConfig(filter_policy="each")).evidence["filtering"]
+    assert each["in_batch_keep"] == 0.8 and each["total_kept_share"] == pytest.approx(0.64)
+    # an objective without an in-batch filter: the offline share is the total
+    plain = advise(_advice_frame(), _advice_frame().head(320), "scores").evidence["filtering"]
+    assert plain["in_batch_keep"] is None and plain["total_kept_share"] == pytest.approx(0.8)
+    with pytest.raises(WinnowError, match="share of the pairs KEPT"):
+        AdviceConfig(filter_keep=0.2)
+    with pytest.raises(WinnowError, match="joint"):
+        AdviceConfig(filter_policy="both")  # type: ignore[arg-type]
+    from training.objectives import Objective
+
+    assert Objective.from_preset(joint.objective, **joint.params).beta_keep == 1.0
 
 
 def test_negative_reference_margins_are_not_label_noise() -> None:
@@ -506,6 +536,10 @@ def test_advice_is_stored_in_the_catalog(demo) -> None:
     assert json.loads(row["params"]) == result.advice.params
     evidence = json.loads(row["evidence"])
     assert evidence["margins"]["negative_margin_share"] > 0.05 and row["objective"] == "beta-dpo"
+    # the joint filtering policy is recorded with the advice, in the catalog and in the manifest
+    assert evidence["filtering"]["policy"] == "joint" and json.loads(row["params"])["beta_keep"] == 1.0
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["advice"]["evidence"]["filtering"] == evidence["filtering"]
 
 
 # ----------------------------------------------------------------------------- conversational shards, report

@@ -189,3 +189,22 @@ def test_the_pipeline_task_passes_the_catalog(run: dict[str, Any], tmp_path: Pat
     assert set(rounds["round"]) == {1} and rounds["kept"].sum() > 0
     stored = json.loads(catalog.query("SELECT config FROM runs WHERE run_id = ?", [run_id]).item())
     assert stored["train"]["online_curation"] is True
+
+
+def test_report_shows_the_total_share_dropped_and_where(run: dict[str, Any]) -> None:
+    from curation.report import build_report
+
+    catalog, run_id = run["catalog"], run["run_id"]
+    text = build_report(catalog, run_id).read_text()
+    section = text.split("## What was dropped, and where", 1)[1].split("\n## ", 1)[0]
+    decisions = catalog.query("SELECT kept, reason FROM decisions WHERE run_id = ?", [run_id])
+    total = decisions.height
+    beta = decisions["reason"].str.starts_with("beta_outlier").sum()
+    ruled = (~decisions["kept"]).sum() - beta
+    advice = json.loads(catalog.query("SELECT evidence FROM advice WHERE run_id = ?", [run_id]).item())["filtering"]
+    in_batch = decisions["kept"].sum() * (1 - (advice["in_batch_keep"] if advice["in_batch_keep"] is not None else 1))
+    assert f"| beta-guided filter (offline) | {beta} | {beta / total:.1%} |" in section
+    assert f"| rule filters (offline) | {ruled} | {ruled / total:.1%} |" in section
+    assert f"**{(ruled + beta + in_batch) / total:.1%}**" in section
+    assert "online round 1 (after stage 1)" in section and "online round 2 (after stage 2)" in section
+    assert f"Policy `{advice['policy']}`" in section
