@@ -206,5 +206,9 @@ def test_report_shows_the_total_share_dropped_and_where(run: dict[str, Any]) -> 
     assert f"| beta-guided filter (offline) | {beta} | {beta / total:.1%} |" in section
     assert f"| rule filters (offline) | {ruled} | {ruled / total:.1%} |" in section
     assert f"**{(ruled + beta + in_batch) / total:.1%}**" in section
-    assert "online round 1 (after stage 1)" in section and "online round 2 (after stage 2)" in section
+    rounds = round_summary(catalog, run_id)
+    assert rounds.height >= 1
+    for r in rounds.to_dicts():
+        assert (f"| online round {r['round']} (after stage {r['round']}) | 0 | 0.0% | re-decided {r['pairs']} pairs: "
+                f"{r['readmitted']} re-admitted, {r['newly_dropped']} newly dropped") in section
     assert f"Policy `{advice['policy']}`" in section
