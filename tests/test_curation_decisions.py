@@ -572,6 +572,7 @@ def test_report_is_rebuilt_from_the_catalog_alone(demo) -> None:
     assert folder == catalog.workdir / run_id / "report"
     text = path.read_text()
     assert "| truncated |" in text and "## Objective advice" in text and "beta_outlier_low" in text
+    assert "## What was dropped, and where" in text and "| beta-guided filter (offline) |" in text
     for name in PLOTS:
         png = folder / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
