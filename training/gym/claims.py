@@ -244,7 +244,8 @@ def decide_defaults(result: GymResult) -> list[Decision]:
         return next((e for e in mine if e.noise == primary), None), mine
 
     def text(part: str) -> str:
-        return "; ".join(f"{e.noise:.0%}: {e.mean:+.3f} ± {e.std:.3f} ({e.verdict})" for e in cells(part)[1])
+        return "; ".join(f"{e.noise:.0%}: {e.mean:+.3f}" + (f" ± {e.std:.3f}" if math.isfinite(e.std) else "")
+                         + f" ({e.verdict})" for e in cells(part)[1])
 
     def flips(part: str, to: str) -> bool:  # to = the verdict at 20% that moves the default
         main, every = cells(part)
