@@ -295,8 +295,15 @@ def gym(
     """Preference gym: every method side by side on a task with a known gold reward; writes the report."""
     import shlex
 
-    from training.gym import (GymConfig, effects_table, evaluate_claims, markdown_table, run_gym, with_overrides,
-                              write_report)
+    from training.gym import (
+        GymConfig,
+        effects_table,
+        evaluate_claims,
+        markdown_table,
+        run_gym,
+        with_overrides,
+        write_report,
+    )
 
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
     arm_list = tuple(a.strip() for a in arms.split(",") if a.strip()) if arms else None

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from training.objectives import PRESETS, Objective, _sample_without_replacement
 

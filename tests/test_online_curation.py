@@ -30,7 +30,6 @@ from training.config import TrainConfig
 from training.online import OnlineContext
 from training.sorting import TRUTH_COLUMNS, PreferenceSetConfig, generate_preferences
 from training.stages import REFERENCE_LOGPS_FILE, train_stages
-from training.trainer import REF_COLUMNS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
