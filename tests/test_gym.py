@@ -136,22 +136,24 @@ def test_part_effects_and_the_defaults_they_decide_on_hand_made_numbers() -> Non
     base = [0.80, 0.82, 0.84]
     same = {n: base for n in (0.0, 0.2, 0.4)}
     gold = {arm: dict(same) for arm in gym.ARMS}
-    gold["curated-online"] = {0.0: base, 0.2: [0.85, 0.86, 0.90], 0.4: [0.81, 0.82, 0.84]}  # +0.05, +0.01, +0.003
-    gold["curated-each"] = {0.0: base, 0.2: [0.83, 0.86, 0.87], 0.4: base}  # stacking wins at 20% by 0.033
-    gold["curated-one-stage"] = {0.0: base, 0.2: [0.83, 0.86, 0.87], 0.4: [0.70, 0.70, 0.70]}  # wins, but loses at 40%
+    gold["winnow-curated"] = {0.0: base, 0.2: [0.85, 0.86, 0.90], 0.4: [0.81, 0.82, 0.84]}  # +0.05, +0.01, +0.003
+    for arm in ("curated-no-filter", "curated-in-batch", "curated-dpo", "trl-dpo"):  # everything else: no effect
+        gold[arm] = dict(gold["winnow-curated"])
+    gold["curated-each"] = {0.0: base, 0.2: [0.88, 0.90, 0.93], 0.4: gold["winnow-curated"][0.4]}  # stacking wins at 20%
+    gold["curated-one-stage"] = {0.0: base, 0.2: [0.88, 0.90, 0.93], 0.4: [0.70, 0.70, 0.70]}  # wins, loses at 40%
     effects = {(e.part, e.noise): e for e in gym.part_effects(_effects_result(gold))}
-    online = effects[("online curation between stages (added)", 0.2)]
+    online = effects[("online curation between stages", 0.2)]  # winnow-curated minus curated-no-online
     assert online.diffs == pytest.approx([0.05, 0.04, 0.06]) and online.mean == pytest.approx(0.05)
     assert online.std == pytest.approx(0.01) and online.verdict == "helps"
-    assert effects[("online curation between stages (added)", 0.0)].verdict == "no clear effect"  # all zero
+    assert effects[("online curation between stages", 0.0)].verdict == "no clear effect"  # all zero
     each = effects[("20% dropped in all rather than ~36% (policy joint vs each)", 0.2)]
     assert each.mean == pytest.approx(-1 / 30) and each.verdict == "hurts"
     decided = {d.setting: d for d in gym.decide_defaults(_effects_result(gold))}
-    assert decided["train.online_curation"].decision == "true"  # helps at 20%, hurts nowhere
-    assert decided["curate.advice.filter_policy"].decision == "each"
+    assert decided["train.online_curation"].decision == "auto (on)"  # it helps: stays on
+    assert decided["curate.advice.filter_policy"].decision == "each"  # stacking wins at 20%, loses nowhere
     assert decided["curate.stages.k"].decision == "2"  # one stage wins at 20% but loses at 40%: kept
     assert decided["train.objective"].decision == "auto"
-    gold["curated-online"][0.4] = [0.70, 0.71, 0.69]  # now it hurts at 40%: stays off
+    gold["curated-no-online"] = {0.0: base, 0.2: [0.90, 0.92, 0.95], 0.4: gold["winnow-curated"][0.4]}  # without wins
     assert {d.setting: d for d in gym.decide_defaults(_effects_result(gold))}["train.online_curation"].decision == \
         "false"
 
@@ -160,7 +162,8 @@ def test_part_effects_and_the_defaults_they_decide_on_hand_made_numbers() -> Non
 
 
 NOISE = (0.2,)
-STAGED = {"winnow-curated", "curated-no-filter", "curated-in-batch", "curated-each", "curated-dpo", "curated-online"}
+STAGED = {"winnow-curated", "curated-no-filter", "curated-in-batch", "curated-each", "curated-dpo",
+          "curated-no-online"}
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +188,7 @@ def test_every_arm_runs_under_the_same_budget(quick) -> None:  # noqa: ANN001
                 assert steps[arm] == data.steps, arm
         pairs = dict(per_seed.select("arm", "pairs").iter_rows())
         assert pairs["winnow-curated"] == pairs["offline-filter"] == data.kept_pairs < data.raw_pairs
-        assert pairs["curated-each"] == pairs["curated-dpo"] == pairs["curated-online"] == data.kept_pairs
+        assert pairs["curated-each"] == pairs["curated-dpo"] == pairs["curated-no-online"] == data.kept_pairs
         assert pairs["curated-one-stage"] == data.kept_pairs
         entered = data.raw_pairs - data.filter["dropped_by_rules"]  # no offline beta filter: every rule survivor
         assert pairs["curated-no-filter"] == pairs["curated-in-batch"] == entered > data.kept_pairs
@@ -215,10 +218,15 @@ def test_ablations_train_on_the_curation_they_name(quick) -> None:  # noqa: ANN0
         assert filtering["each"]["total_kept_share"] == pytest.approx(0.64, abs=0.01)
     assert len(ShardManifest.load(v["one-stage"].shard_dir).stages) == 1
     assert len(ShardManifest.load(v["default"].shard_dir).stages) == result.config.stages
-    # the online arm's rounds are in its own catalog copy; the seed catalog has none
-    rounds = Catalog(v["online"].catalog_dir).query("SELECT round, count(*) AS n, sum(kept::INT) AS kept FROM "
-                                                     "decision_rounds WHERE run_id = ? GROUP BY 1", [data.run_id])
-    assert rounds["round"].to_list() == [1] and rounds["kept"].item() > 0
+    # online curation is on by default: each staged arm's rounds are in its own catalog copy, none elsewhere
+    def rounds(arm: str) -> pl.DataFrame:
+        return Catalog(data.dir / "arms" / arm / "catalog").query(
+            "SELECT round, count(*) AS n, sum(kept::INT) AS kept FROM decision_rounds WHERE run_id = ? GROUP BY 1",
+            [data.run_id])
+
+    assert rounds("winnow-curated")["round"].to_list() == [1] and rounds("winnow-curated")["kept"].item() > 0
+    assert rounds("curated-dpo")["round"].to_list() == [1]
+    assert rounds("curated-no-online").height == 0 and rounds("curated-one-stage").height == 0  # off; one stage
     assert Catalog(data.dir).query("SELECT count(*) AS n FROM decision_rounds").item() == 0
 
 
@@ -233,7 +241,7 @@ def test_reference_against_itself_is_the_known_zero(quick) -> None:  # noqa: ANN
 def test_reported_metrics_equal_the_samples(quick) -> None:  # noqa: ANN001
     result, _ = quick
     data = result.seed_data(0, 0.2)
-    for arm in ("trl-dpo", "winnow-curated", "sdpo", "curated-online"):
+    for arm in ("trl-dpo", "winnow-curated", "sdpo", "curated-no-online"):
         row = result.at(0.2).per_seed.filter(pl.col("arm") == arm).row(0, named=True)
         samples = pl.read_parquet(data.dir / "arms" / arm / "samples.parquet")
         gold = np.array([gold_reward(p, r) for p, r in zip(samples["prompt"], samples["response"], strict=True)])
@@ -312,7 +320,7 @@ def test_config_validation() -> None:
 def test_every_arm_is_registered_with_its_description() -> None:
     assert gym.ARMS == ("trl-dpo", "winnow-curated", "dpop", "ln-dpo", "minor-dpo", "beta-dpo", "sdpo",
                         "offline-filter", "curated-no-filter", "curated-in-batch", "curated-each",
-                        "curated-one-stage", "curated-dpo", "curated-online")  # the report's row order
+                        "curated-one-stage", "curated-dpo", "curated-no-online")  # the report's row order
     for name in gym.ARMS:
         arm = gym.get_arm(name)
         assert arm.name == name and callable(arm.train)

@@ -167,9 +167,25 @@ def test_resume_keeps_the_rounds_and_off_means_no_rounds(run: dict[str, Any], tm
                          online=OnlineContext(run["catalog"], run["run_id"]))
     assert [r.resumed for r in again] == [True, True, True]
     assert _rounds(run).equals(before)
-    with pytest.raises(WinnowError, match="online curation needs the run's catalog") as err:
+    with pytest.raises(WinnowError, match="online curation cannot run: it needs the run's catalog") as err:
         train_stages(run["shard_dir"], run["model_dir"], tmp_path / "no-catalog", run["config"], progress=False)
     assert "\n" not in str(err.value)
+
+
+def test_auto_runs_where_it_can_and_is_the_default(run: dict[str, Any], tmp_path: Path) -> None:
+    """The gym made online curation the default ("auto"): on with the run's catalog, skipped with a warning
+    (training as curated) without one, or when the catalog does not know the run."""
+    assert TrainConfig().online_curation == "auto"
+    auto = TrainConfig(objective="dpo", batch_size=8, logging_steps=2, learning_rate=1e-3, max_stages=2)
+    with pytest.warns(UserWarning, match="online curation skipped: it needs the run's catalog"):
+        alone = train_stages(run["shard_dir"], run["model_dir"], tmp_path / "alone", auto, progress=False)
+    assert [r.reference_source for r in alone] == ["curation", "recomputed"]
+    stranger = OnlineContext(Catalog(tmp_path / "other-workspace"), run["run_id"])
+    with pytest.warns(UserWarning, match="holds no curation decisions"):
+        train_stages(run["shard_dir"], run["model_dir"], tmp_path / "stranger", auto, progress=False, online=stranger)
+    with_catalog = train_stages(run["shard_dir"], run["model_dir"], tmp_path / "auto", auto, progress=False,
+                                online=OnlineContext(run["catalog"], run["run_id"]))
+    assert [r.reference_source for r in with_catalog] == ["curation", "online"]
 
 
 def test_the_pipeline_task_passes_the_catalog(run: dict[str, Any], tmp_path: Path) -> None:
@@ -180,14 +196,14 @@ def test_the_pipeline_task_passes_the_catalog(run: dict[str, Any], tmp_path: Pat
     catalog, run_id = run["catalog"], run["run_id"]
     with catalog.transaction() as con:  # start from no rounds, so the task's own rows are what we see
         con.execute("DELETE FROM decision_rounds WHERE run_id = ?", [run_id])
-    config = PipelineConfig(workdir=str(catalog.workdir), train=TrainConfig(
-        objective="dpo", batch_size=8, logging_steps=2, learning_rate=1e-3, online_curation=True, max_stages=2))
+    config = PipelineConfig(workdir=str(catalog.workdir), train=TrainConfig(  # online curation: the default
+        objective="dpo", batch_size=8, logging_steps=2, learning_rate=1e-3, max_stages=2))
     out = train_task.fn(config, run_id, str(run["shard_dir"]), str(run["model_dir"]))
     assert [s["reference_source"] for s in out["stages"]] == ["curation", "online"]
     rounds = _rounds(run)
     assert set(rounds["round"]) == {1} and rounds["kept"].sum() > 0
     stored = json.loads(catalog.query("SELECT config FROM runs WHERE run_id = ?", [run_id]).item())
-    assert stored["train"]["online_curation"] is True
+    assert stored["train"]["online_curation"] == "auto"
 
 
 def test_report_shows_the_total_share_dropped_and_where(run: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -296,20 +297,17 @@ def _online_curation(stage: int, frame: pl.DataFrame, reference_source: str, cur
     becomes the round's choice and carries that policy's log-probs, which are this stage's reference
     log-probs, so none are recomputed (reference source ``online``). Needs the run's catalog.
     """
-    if not config.online_curation or stage == 1:
+    if config.online_curation is False or stage == 1:
         return frame, reference_source
     from curation.lm.loading import load_model, load_tokenizer
     from training.online import build_pool, online_round, write_round
 
-    if online is None:
-        raise WinnowError("online curation needs the run's catalog (train through `winnow run`, or pass online=OnlineContext"
-                          "(catalog, run_id) to train_stages), or set train.online_curation=false")
-    if _is_conversational(frame):
-        raise WinnowError("online curation scores plain-text pairs; this run is conversational: set "
-                          "train.online_curation=false")
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        raise WinnowError("online curation runs in single-process training; set train.online_curation=false for "
-                          "multi-process runs")
+    blocker = _online_blocker(frame, online)
+    if blocker is not None:
+        if config.online_curation is True:  # asked for explicitly: say why it cannot run
+            raise WinnowError(f"online curation cannot run: {blocker}; set train.online_curation=false (or auto)")
+        warnings.warn(f"online curation skipped: {blocker}", stacklevel=2)  # auto: train as curated
+        return frame, reference_source
 
     def score(model_path: str | Path, pairs: pl.DataFrame) -> pl.DataFrame:
         return _reference_logps(load_model(model_path), load_tokenizer(model_path), pairs, config, progress)
@@ -327,3 +325,19 @@ def _online_curation(stage: int, frame: pl.DataFrame, reference_source: str, cur
     rows, frames = online_round(online, stage - 1, current, pools["pool"], taught, beta, score)
     write_round(online, stage - 1, rows)
     return frames[stage], "online"
+
+
+def _online_blocker(frame: pl.DataFrame, online: OnlineContext | None) -> str | None:
+    """Why online curation cannot run here (None: it can)."""
+    if online is None:
+        return ("it needs the run's catalog (train through `winnow run`, or pass online=OnlineContext(catalog, run_id) "
+                "to train_stages)")
+    from curation.reads import has_rows
+
+    if not has_rows(online.catalog, "decisions", online.run_id):
+        return f"the catalog at {online.catalog.path} holds no curation decisions of run {online.run_id}"
+    if _is_conversational(frame):
+        return "it scores plain-text pairs and this run is conversational"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return "it runs in single-process training only"
+    return None

@@ -27,7 +27,7 @@ One experiment, per label-noise level (``noise_levels``, default 0%, 20%, 40%) a
    - ablations of ``winnow-curated``, one part changed each: ``curated-no-filter`` (no
      beta-guided filtering), ``curated-in-batch`` (the 20% dropped in-batch, not offline),
      ``curated-each`` (both filters at 80%: ~36%), ``curated-one-stage`` (no sDPO),
-     ``curated-dpo`` (plain DPO, not the advised objective), ``curated-online`` (online
+     ``curated-dpo`` (plain DPO, not the advised objective), ``curated-no-online`` (no online
      curation between the stages, training/online.py);
 
 5. evaluation: ``training.evaluate.evaluate`` on one held-out set of the sorting evaluation

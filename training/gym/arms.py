@@ -88,7 +88,7 @@ def _trl_dpo(run: ArmRun) -> tuple[Path, int]:
 
 
 @register_arm("winnow-curated", "the product's defaults: rules + beta-guided filter (joint policy: 20% dropped "
-              "in all) + 2 sDPO stages + advised objective")
+              "in all) + 2 sDPO stages + advised objective + online curation between the stages")
 def _winnow_curated(run: ArmRun) -> tuple[Path, int]:
     return _train_curated(run, "default")
 
@@ -141,8 +141,8 @@ _curated_arm("curated-in-batch", "winnow-curated with the 20% dropped in-batch i
 _curated_arm("curated-each", "winnow-curated with both filters at 80% each (~36% dropped, the policy `each`)", "each")
 _curated_arm("curated-one-stage", "winnow-curated in one stage (no sDPO)", "one-stage")
 _curated_arm("curated-dpo", "winnow-curated with plain DPO instead of the advised objective", "default", objective="dpo")
-_curated_arm("curated-online", "winnow-curated with online curation between the stages (the stage-1 policy "
-             "re-decides stage 2 and the filter's drops)", "online", online=True)
+_curated_arm("curated-no-online", "winnow-curated without online curation between the stages (curation's "
+             "decisions stand for every stage)", "default", online=False)
 
 ARMS: tuple[str, ...] = tuple(_REGISTRY)
 ARM_DESCRIPTIONS: dict[str, str] = {"reference": REFERENCE_DESCRIPTION,
@@ -224,15 +224,17 @@ def _train_curated(run: ArmRun, curation: str, objective: str = "auto",
     train_stages takes one TrainConfig for all stages, so each stage gets ``budget // stages``
     steps (its epochs set from the largest stage; curation splits evenly): never more than the
     budget, at most ``stages - 1`` steps less. ``online``: TrainConfig.online_curation (None: the
-    product default), with the variant's own catalog for the rounds' decisions.
+    product default). Each arm trains against its own copy of the curation's catalog, so the rounds'
+    ``decision_rounds`` of one arm never meet another's (or the seed catalog's evals writes).
     """
     from curation.manifest import ShardManifest
-    from curation.store import Catalog
+    from training.gym.prepare import copy_catalog
     from training.online import OnlineContext
     from training.stages import train_stages
 
     config, data = run.config, run.data
     variant = data.variants[curation]
+    catalog = copy_catalog(variant.catalog_dir, run.out / "catalog")
     manifest = ShardManifest.load(variant.shard_dir)
     sizes = [s.rows for s in manifest.stages]
     per_stage = max(1, data.steps // len(sizes))
@@ -240,6 +242,6 @@ def _train_curated(run: ArmRun, curation: str, objective: str = "auto",
     more = {} if online is None else {"online_curation": online}
     results = train_stages(variant.shard_dir, data.model_path, run.out,
                            _train_config(config, objective, data.seed, epochs, **more), callbacks=[run.counter],
-                           progress=False, online=OnlineContext(Catalog(variant.catalog_dir), data.run_id))
+                           progress=False, online=OnlineContext(catalog, data.run_id))
     return Path(results[-1].model_dir), sum(r.pairs for r in results)
 

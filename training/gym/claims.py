@@ -35,7 +35,7 @@ PARTS: tuple[tuple[str, str, str], ...] = (
     ("20% dropped in all rather than ~36% (policy joint vs each)", "winnow-curated", "curated-each"),
     ("sDPO stages (vs one stage)", "winnow-curated", "curated-one-stage"),
     ("advised objective (vs plain DPO)", "winnow-curated", "curated-dpo"),
-    ("online curation between stages (added)", "curated-online", "winnow-curated"),
+    ("online curation between stages", "winnow-curated", "curated-no-online"),
     ("the whole curated arm (vs TRL's DPO)", "winnow-curated", "trl-dpo"),
 )
 EFFECT_METRIC = "gold_reward"
@@ -229,7 +229,8 @@ def decide_defaults(result: GymResult) -> list[Decision]:
     A default changes only when its part's effect (:func:`part_effects`) says so at the primary
     noise level (20%) and it does not hurt at any other level:
 
-    - online curation: on when "online curation (added)" helps at 20% and hurts nowhere; else off;
+    - online curation (on by default since the first run of this rule, GYM.md): kept on unless its
+      part hurts at 20% and helps nowhere;
     - filtering policy: ``each`` when "20% rather than ~36%" hurts at 20% and helps nowhere, else ``joint``;
     - where the 20% is dropped: in-batch (offline filter off by default) when "offline rather than
       in-batch" hurts at 20% and helps nowhere, else offline;
@@ -254,8 +255,8 @@ def decide_defaults(result: GymResult) -> list[Decision]:
 
     out = []
     part = PARTS[5][0]
-    out.append(Decision("train.online_curation", "false", "true" if flips(part, "helps") else "false",
-                        "on when online curation helps at 20% and hurts at no level", text(part)))
+    out.append(Decision("train.online_curation", "auto (on)", "false" if flips(part, "hurts") else "auto (on)",
+                        "kept on unless removing it beats it at 20% and loses at no level", text(part)))
     part = PARTS[2][0]
     out.append(Decision("curate.advice.filter_policy", "joint", "each" if flips(part, "hurts") else "joint",
                         "each when stacking the filters beats joint at 20% and loses at no level", text(part)))

@@ -40,10 +40,8 @@ def _no_offline_filter(c: CurateConfig) -> CurateConfig:
 
 
 # Curations of one seed's scored pairs the arms train on: name -> the product's CurateConfig changed.
-# "online" is the default curation in a catalog copy of its own (online rounds write decision_rounds).
 CURATIONS: dict[str, Callable[[CurateConfig], CurateConfig]] = {
     "default": lambda c: c,
-    "online": lambda c: c,
     "no-offline-filter": _no_offline_filter,  # joint policy: beta-DPO's in-batch filter takes the 20%
     "no-filter": lambda c: replace(_no_offline_filter(c), advice=replace(c.advice, filter_keep=1.0)),
     "each": lambda c: replace(c, advice=replace(c.advice, filter_policy="each")),  # 0.8 offline x 0.8 in-batch
@@ -140,8 +138,6 @@ def prepare_seed(config: GymConfig, seed: int, workdir: Path, heldout_dir: Path,
     variants = _curate_variants(catalog, run_id, base, out / "variants", [c for c in curations if c != "default"])
     curated = curate(catalog, run_id, base)
     variants["default"] = Variant("default", out, Path(curated.shard_dir), curated.kept, curated.advice.to_dict())
-    if "online" in curations:  # the default decisions, in a catalog its online rounds may write to
-        variants["online"] = _catalog_copy(out, out / "variants" / "online", variants["default"])
     seconds["curate"] = time.perf_counter() - tick
 
     frame = curated_pairs(catalog, run_id)
@@ -173,16 +169,14 @@ def _curate_variants(catalog: Any, run_id: str, base: CurateConfig, root: Path, 
 
     out: dict[str, Variant] = {}
     for name in names:
-        if name == "online":
-            continue
         folder = root / name
-        copy = _copy_catalog(catalog.workdir, folder)
+        copy = copy_catalog(catalog.workdir, folder)
         result = curate(copy, run_id, CURATIONS[name](base))
         out[name] = Variant(name, folder, Path(result.shard_dir), result.kept, result.advice.to_dict())
     return out
 
 
-def _copy_catalog(source_dir: Path, folder: Path):  # noqa: ANN202 - a Catalog
+def copy_catalog(source_dir: Path, folder: Path):  # noqa: ANN202 - a Catalog
     """A byte copy of a closed catalog file (and its WAL, if any) in ``folder``."""
     from curation.store import CATALOG_NAME, Catalog
 
@@ -192,11 +186,6 @@ def _copy_catalog(source_dir: Path, folder: Path):  # noqa: ANN202 - a Catalog
         if (Path(source_dir) / name).is_file():
             shutil.copy2(Path(source_dir) / name, folder / name)
     return Catalog(folder)
-
-
-def _catalog_copy(source_dir: Path, folder: Path, variant: Variant) -> Variant:
-    _copy_catalog(source_dir, folder)
-    return Variant("online", folder, variant.shard_dir, variant.kept_pairs, variant.advice)
 
 
 def build_heldout(config: GymConfig, out: Path) -> tuple[list[str], pl.DataFrame]:
