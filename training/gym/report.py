@@ -76,8 +76,10 @@ def per_seed_table(result: GymResult) -> str:
     frame = result.per_seed.select([c for c in cols if c in result.per_seed.columns])
     frame = frame.sort([c for c in ("noise", "seed") if c in frame.columns], maintain_order=True)
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "|".join("---:" for _ in frame.columns) + "|"]
+    noise = frame.columns.index("noise") if "noise" in frame.columns else -1
     for row in frame.iter_rows():
-        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row) + " |")
+        lines.append("| " + " | ".join(f"{v:.0%}" if i == noise else f"{v:.3f}" if isinstance(v, float) else str(v)
+                                       for i, v in enumerate(row)) + " |")
     return "\n".join(lines)
 
 
