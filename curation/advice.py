@@ -12,22 +12,38 @@ Three signals, each tied to the failure mode its paper describes (shared/spec/OB
 Signals compose: the preset is the strongest mechanism (beta-dpo > ln-dpo > dpop > dpo) and
 the others become overrides, e.g. ``beta-dpo`` with ``{"dpop_lambda": 50.0}``; the params
 are exactly what ``training.objectives.Objective.from_preset(objective, **params)`` accepts.
+
+Filtering policy (OBJECTIVES.md, "Composing them"): two beta-guided filters can drop pairs, the
+offline one (curation, on reward margins, per pair in ``decisions``) and beta-DPO's in-batch one
+(training, on implicit-reward gaps). Each alone drops the paper's 20%; both at once drop 36%.
+So their joint share is decided here, on purpose, and recorded: ``filter_policy="joint"``
+(default) keeps ``filter_keep`` (the paper's rho, 0.8) of the pairs with both filters together;
+the offline filter's share counts first and beta-DPO's ``beta_keep`` is what is left (1.0 when
+the offline filter already dropped 20%: beta still adapts per batch, nothing more is dropped).
+``"each"`` lets beta-DPO keep ``filter_keep`` of every batch on top of the offline filter (the
+two papers' settings stacked, the product recorded). Online curation between sDPO stages
+(training/online.py) re-decides pairs at the offline share and adds no drop of its own.
+``evidence["filtering"]`` holds the shares; the gym (benchmarks/GYM.md) chose the default.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
+from curation.config_fields import setting
+from curation.errors import WinnowError
 from curation.filter import robust_centre_scale
 
 # Margin sources whose sign states agreement with the label; a reference model's or a
 # policy's margin can be negative on a correct label simply because the model is weak.
 LABEL_MARGIN_SOURCES = ("scores", "reward-model")
+FilterPolicy = Literal["joint", "each"]
+MIN_KEEP = 0.5  # as beta_keep and the offline filter's keep: below it, a drop share was pasted in
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,20 @@ class AdviceConfig:
     negative_share: float = 0.05  # labels contradicted by their own ratings/reward in >= 5% of pairs
     tail_share: float = 0.05  # or >= 5% of margins beyond 3 robust sigmas (0.27% for a Gaussian)
     tail_z: float = 3.0
+    filter_keep: float = setting(0.8, help="Share of the pairs the beta-guided filters keep (the paper's rho, the "
+                                           "share KEPT: 0.8 keeps 80%), offline and in-batch together under the "
+                                           "joint policy.")
+    filter_policy: FilterPolicy = setting("joint", help="joint: the offline and beta-DPO's in-batch filter together "
+                                                        "keep filter_keep (the offline share counts first, beta_keep "
+                                                        "is the rest); each: beta-DPO keeps filter_keep of every "
+                                                        "batch on top of the offline filter.")
+
+    def __post_init__(self) -> None:
+        if self.filter_policy not in ("joint", "each"):
+            raise WinnowError(f"advice filter_policy must be 'joint' or 'each', got {self.filter_policy!r}")
+        if not MIN_KEEP <= self.filter_keep <= 1.0:
+            raise WinnowError(f"advice filter_keep is the share of the pairs KEPT (the paper's rho: 0.8 keeps 80%) and "
+                              f"must be in [{MIN_KEEP}, 1], got {self.filter_keep}; for a drop share d set 1 - d")
 
 
 @dataclass
@@ -148,9 +178,12 @@ def advise(entered: pl.DataFrame, kept: pl.DataFrame, margin_source: str,
         params["dpop_lambda"] = config.dpop_lambda
         reasons.append(f"{edits['low_edit_share']:.0%} of the pairs differ by a few tokens, where DPO can lower the "
                        f"chosen likelihood, so the DPOP penalty is on (lambda {config.dpop_lambda:g})")
+    filtering = filtering_evidence(entered.height, kept.height, objective == "beta-dpo", config)
+    if filtering["in_batch_keep"] is not None:
+        params["beta_keep"] = filtering["in_batch_keep"]
     rationale = ("; ".join(reasons) + ".") if reasons else (
         "No signal fired (few low-edit pairs, no length bias, clean margins): plain DPO.")
-    rationale = rationale[0].upper() + rationale[1:]
+    rationale = rationale[0].upper() + rationale[1:] + " " + filtering["summary"]
     evidence = {
         "pairs_kept": kept.height,
         "pairs_entered_beta_filter": entered.height,
@@ -158,6 +191,30 @@ def advise(entered: pl.DataFrame, kept: pl.DataFrame, margin_source: str,
         "edit_distance": edits,
         "length": lengths,
         "margins": noise,
+        "filtering": filtering,
         "thresholds": asdict(config),
     }
     return Advice(objective=objective, params=params, evidence=evidence, rationale=rationale)
+
+
+def filtering_evidence(entered: int, kept: int, in_batch: bool, config: AdviceConfig) -> dict[str, Any]:
+    """The joint filtering policy in numbers: what the offline filter kept, what beta-DPO keeps, the product.
+
+    Shares are of the pairs that reached the offline beta filter (after the rule filters).
+    ``in_batch``: the advised objective is beta-DPO, whose in-batch filter exists.
+    """
+    offline = kept / entered if entered else 1.0
+    if not in_batch:
+        in_batch_keep = None
+    elif config.filter_policy == "each":
+        in_batch_keep = config.filter_keep
+    else:  # joint: what is left of filter_keep once the offline filter took its share (never below MIN_KEEP)
+        in_batch_keep = round(min(1.0, max(MIN_KEEP, config.filter_keep / offline if offline else 1.0)), 4)
+    total = offline * (in_batch_keep if in_batch_keep is not None else 1.0)
+    where = (f"the offline beta filter kept {offline:.1%} of the pairs it saw (per pair in `decisions`)"
+             + (f" and beta-DPO's in-batch filter keeps {in_batch_keep:.1%} of each batch" if in_batch_keep is not None
+                else "; the advised objective has no in-batch filter"))
+    summary = (f"Filtering policy `{config.filter_policy}` (keep {config.filter_keep:g}): {where}, so about "
+               f"{total:.1%} of them reach the loss.")
+    return {"policy": config.filter_policy, "filter_keep": config.filter_keep, "offline_kept_share": _clean(offline),
+            "in_batch_keep": in_batch_keep, "total_kept_share": _clean(total), "summary": summary}

@@ -2,8 +2,10 @@
 
 The paper weights each pair of a batch by ``w = exp(-0.5 * ((M - M0) / sigma)^2)``, a
 Gaussian around the centre of the reward-margin distribution, and keeps
-``floor(N * (1 - rho))`` pairs drawn without replacement with probability proportional to
-``w``. Offline, Winnow applies the same rule to the margins of every pair that passed the
+``floor(N * keep)`` pairs drawn without replacement with probability proportional to ``w``
+(``keep`` is the paper's rho, the share KEPT: 0.8; the reference code's ``rho = 0.2`` is the
+share dropped, so neither name is used here, and a keep share below 0.5, the sign of a drop
+share pasted in, is refused). Offline, Winnow applies the same rule to the margins of every pair that passed the
 rule filters: pairs far from the bulk on either side (likely mislabelled below, trivially
 easy above) get a low weight and are dropped, with the weight and the tail recorded.
 
@@ -16,7 +18,7 @@ Gaussian exactly where it should be narrow (docs/curation.md has the numbers).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Literal
 
 import numpy as np
@@ -27,26 +29,34 @@ from curation.filter import robust_centre_scale
 BetaMode = Literal["threshold", "sample"]
 Centre = Literal["median", "mean"]
 SCALE_EPS = 1e-8  # the paper's sigma guard: a zero spread would make every weight 0/0
+MIN_KEEP = 0.5  # a kept share below this is almost surely a drop share pasted into a keep share
+RHO_REMOVED = ("the beta filter's `rho` (the share dropped) was removed: set `keep`, the share KEPT (the paper's "
+               "rho: 0.8 keeps 80%; keep = 1 - rho)")
 
 
 @dataclass(frozen=True)
 class BetaFilterConfig:
-    """`threshold` (default) drops the rho share with the lowest weight, deterministically;
-    `sample` draws the kept pairs as the paper does, seeded."""
+    """`threshold` (default) keeps the `keep` share with the highest weight, deterministically;
+    `sample` draws the kept pairs as the paper does, seeded. `keep` is the share KEPT (the paper's rho)."""
 
     enabled: bool = True
     mode: BetaMode = "threshold"
-    rho: float = 0.2
+    keep: float = 0.8
     centre: Centre = "median"
     seed: int = 0
+    rho: InitVar[float | None] = None  # removed: refused with RHO_REMOVED rather than silently ignored
+    __pydantic_config__ = {"extra": "forbid"}  # noqa: RUF012 - read by pydantic (flows.config): unknown keys fail
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, rho: float | None = None) -> None:
+        if rho is not None:
+            raise WinnowError(RHO_REMOVED)
         if self.mode not in ("threshold", "sample"):
             raise WinnowError(f"beta filter mode must be 'threshold' or 'sample', got {self.mode!r}")
         if self.centre not in ("median", "mean"):
             raise WinnowError(f"beta filter centre must be 'median' or 'mean', got {self.centre!r}")
-        if not 0.0 <= self.rho < 1.0:
-            raise WinnowError(f"beta filter rho must be in [0, 1), got {self.rho}")
+        if not MIN_KEEP <= self.keep <= 1.0:
+            raise WinnowError(f"beta filter keep is the share of the pairs KEPT (the paper's rho: 0.8 keeps 80%) and "
+                              f"must be in [{MIN_KEEP}, 1], got {self.keep}; for a drop share d set keep = 1 - d")
 
 
 @dataclass
@@ -75,9 +85,9 @@ class BetaFilterResult:
                 "margin_low": self.margin_low, "margin_high": self.margin_high}
 
 
-def kept_count(n: int, rho: float) -> int:
-    """floor(N * (1 - rho)), as the paper; the epsilon keeps 10 * 0.7 from flooring to 6."""
-    return int(math.floor(n * (1.0 - rho) + 1e-9))
+def kept_count(n: int, keep: float) -> int:
+    """floor(N * keep), as the paper; the epsilon keeps 10 * 0.7 from flooring to 6."""
+    return int(math.floor(n * keep + 1e-9))
 
 
 def centre_scale(margins: np.ndarray, centre: Centre) -> tuple[float, float]:
@@ -111,11 +121,19 @@ def sample_keep(log_w: np.ndarray, k: int, seed: int) -> np.ndarray:
 def beta_filter(margins: np.ndarray, config: BetaFilterConfig) -> BetaFilterResult:
     """Weights and the keep mask for `margins` (input order decides ties: pass a stable order)."""
     margins = np.asarray(margins, dtype=np.float64)
+    k = kept_count(margins.size, config.keep) if config.enabled else margins.size
+    return beta_filter_count(margins, k, config)
+
+
+def beta_filter_count(margins: np.ndarray, k: int, config: BetaFilterConfig) -> BetaFilterResult:
+    """:func:`beta_filter` keeping exactly ``k`` pairs (``config.keep`` unused): online curation
+    re-decides a pool of pairs to fill stages of a fixed size, so it knows the count, not a share."""
+    margins = np.asarray(margins, dtype=np.float64)
     n = margins.size
+    k = min(max(int(k), 0), n)
     centre, scale = centre_scale(margins, config.centre)
     log_w = log_weights(margins, centre, scale)
     weight = np.exp(log_w)
-    k = kept_count(n, config.rho) if config.enabled else n
     if not config.enabled or k >= n:
         keep = np.ones(n, dtype=bool)
     elif config.mode == "sample":

@@ -128,7 +128,7 @@ def _beta_details(entered: pl.DataFrame, result: BetaFilterResult, config: BetaF
     """reason/detail for the pairs the beta filter dropped (numbers formatted in one numpy call)."""
     weights = np.char.mod("%.3g", result.weight)
     margins = np.char.mod("%.4g", result.margins)
-    stats = f"centre {result.centre:.4g}, scale {result.scale:.4g} ({config.centre}), rho {config.rho:g}"
+    stats = f"centre {result.centre:.4g}, scale {result.scale:.4g} ({config.centre}), keep {config.keep:g}"
     if result.mode == "sample":
         how = f": not drawn (kept {result.k} of {result.keep.size} with probability ~ weight, seed {config.seed}; "
     elif result.weight_cutoff is not None:

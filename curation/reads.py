@@ -224,6 +224,7 @@ def report_tables(catalog: Catalog, run_id: str) -> dict[str, Any]:
             "advice": q("SELECT * FROM advice WHERE run_id = ?"),
             "by_reason": q("""SELECT reason, stage, count(*) AS pairs FROM decisions WHERE run_id = ?
                               GROUP BY reason, stage ORDER BY (reason = 'kept') DESC, stage, pairs DESC, reason"""),
+            "rounds": q(ROUND_SUMMARY_SQL),  # online curation rounds, if training ran them
         }
 
 
@@ -431,3 +432,50 @@ def contamination_by_benchmark(catalog: Catalog, run_id: str) -> pl.DataFrame:
                   count(DISTINCT benchmark_row) AS benchmark_rows, min(span) AS example_span
            FROM contamination WHERE run_id = ? GROUP BY benchmark ORDER BY pairs DESC, benchmark""",
         [run_id], read_only=False)
+
+
+# -- online curation (decision_rounds) ----------------------------------------------------------
+
+# How a pair's margin and fate moved: round 0 is curation (`decisions` with the `scores` margin),
+# round k >= 1 the online round after sDPO stage k (`decision_rounds`). A pair_id prefix is enough.
+PAIR_ROUNDS_SQL = """SELECT 0 AS round, d.pair_id, s.margin_source, s.margin, d.weight, d.kept, d.reason, d.stage,
+       d.detail
+FROM decisions d JOIN scores s USING (run_id, pair_id) WHERE d.run_id = ? AND d.pair_id LIKE ? || '%'
+UNION ALL
+SELECT round, pair_id, margin_source, margin, weight, kept, reason, stage, detail
+FROM decision_rounds WHERE run_id = ? AND pair_id LIKE ? || '%'
+ORDER BY pair_id, round"""
+
+
+def pair_rounds(catalog: Catalog, run_id: str, pair_id: str) -> pl.DataFrame:
+    """Every round's margin and decision for a pair (a pair_id prefix is enough), round 0 first."""
+    return catalog.query(PAIR_ROUNDS_SQL, [run_id, pair_id, run_id, pair_id], read_only=False)
+
+
+def beta_dropped_pairs(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """Texts and reference log-probs of the pairs curation's beta filter dropped (candidates for online rounds),
+    sorted by pair_id. Pairs dropped by a rule stay dropped: the rules judge structure, not the label."""
+    return catalog.query(
+        """SELECT p.pair_id, p.prompt, p.chosen, p.rejected, s.ref_chosen_logps, s.ref_rejected_logps
+           FROM decisions d JOIN pairs p USING (run_id, pair_id) JOIN scores s USING (run_id, pair_id)
+           WHERE d.run_id = ? AND d.reason IN (?, ?) ORDER BY p.pair_id""",
+        [run_id, DecisionReason.BETA_OUTLIER_LOW.value, DecisionReason.BETA_OUTLIER_HIGH.value], read_only=False)
+
+
+ROUND_SUMMARY_SQL = """SELECT round, any_value(scoring_model) AS scoring_model, count(*) AS pairs,
+       count(*) FILTER (WHERE kept) AS kept, count(*) FILTER (WHERE NOT kept) AS dropped,
+       count(*) FILTER (WHERE kept AND NOT previous_kept) AS readmitted,
+       count(*) FILTER (WHERE previous_kept AND NOT kept) AS newly_dropped
+FROM decision_rounds WHERE run_id = ? GROUP BY round ORDER BY round"""
+
+
+def round_summary(catalog: Catalog, run_id: str) -> pl.DataFrame:
+    """Per online round: pairs re-decided, kept, dropped, re-admitted (dropped before, kept now), newly dropped."""
+    return catalog.query(ROUND_SUMMARY_SQL, [run_id], read_only=False)
+
+
+def round_placements(catalog: Catalog, run_id: str, round_no: int) -> pl.DataFrame:
+    """(pair_id, stage, stage_position) of the pairs an online round kept, in teaching order."""
+    return catalog.query("""SELECT pair_id, stage, stage_position FROM decision_rounds
+                            WHERE run_id = ? AND round = ? AND kept ORDER BY stage, stage_position""",
+                         [run_id, round_no], read_only=False)

@@ -32,6 +32,7 @@ from curation.report_doc import (
     markdown_table,
     render_markdown,
 )
+from curation.report_filtering import filtering_section
 from curation.report_screen import SCREEN_PLOT, has_screen_plot, plot_screen, screen_data, screen_section
 from curation.schema import DecisionReason
 from curation.store import Catalog
@@ -326,7 +327,7 @@ def filters_section(run_id: str, data: dict[str, Any]) -> Section:
         cut = (f" Weight cut-off {beta['weight_cutoff']:.3g}: kept margins lie in "
                f"[{beta['margin_low']:.4g}, {beta['margin_high']:.4g}]." if beta.get("weight_cutoff") is not None else "")
         blocks.append(Paragraph(
-            f"Beta-guided filter: mode `{beta['mode']}`, rho {settings['rho']}, centre `{settings['centre']}` "
+            f"Beta-guided filter: mode `{beta['mode']}`, keep {settings['keep']}, centre `{settings['centre']}` "
             f"({beta['centre']:.4g}), scale {beta['scale']:.4g}, seed {settings['seed']}; kept {beta['kept']}, "
             f"dropped {beta['dropped']}.{cut}"))
     heldout = curate["resolved"].get("heldout")
@@ -439,7 +440,7 @@ def catalog_section(run_id: str, data: dict[str, Any]) -> Section:
 
 # A section written as markdown lines (with its "## Title") joins as
 # `lambda run_id, data: markdown_section("key", lines_of(data))` (curation.report_doc.markdown_section).
-SECTIONS = [decisions_section, plots_section, filters_section, screen_section, lengths_section, stages_section, advice_section,
+SECTIONS = [decisions_section, plots_section, filters_section, filtering_section, screen_section, lengths_section, stages_section, advice_section,
             training_section, evaluation_section, examples_section, catalog_section]
 
 

@@ -133,6 +133,25 @@ TABLES: dict[str, str] = {
         ngrams BIGINT,
         span VARCHAR
     """,
+    # Online curation (training/online.py): round k re-decides, with the stage-k policy's margin, the
+    # pairs not yet taught (later stages and the beta filter's drops). Round 0 is `decisions`.
+    "decision_rounds": """
+        run_id VARCHAR,
+        round INTEGER,
+        pair_id VARCHAR,
+        scoring_model VARCHAR,
+        reference_model VARCHAR,
+        margin_source VARCHAR,
+        margin DOUBLE,
+        weight DOUBLE,
+        kept BOOLEAN,
+        reason VARCHAR,
+        stage INTEGER,
+        stage_position BIGINT,
+        previous_kept BOOLEAN,
+        detail VARCHAR,
+        PRIMARY KEY (run_id, round, pair_id)
+    """,
     "stages": """
         run_id VARCHAR,
         stage INTEGER,

@@ -349,9 +349,10 @@ def serve(
 @app.command()
 def gym(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (one data set and reference each).")] = "0,1,2",
-    arms: Annotated[str | None, typer.Option(help="Comma-separated arms; default: all eight.")] = None,
+    arms: Annotated[str | None, typer.Option(help="Comma-separated arms; default: all of them.")] = None,
     size: Annotated[int | None, typer.Option(help="Pairs per generated preference set.")] = None,
-    label_noise: Annotated[float | None, typer.Option(help="Share of flipped pairs.")] = None,
+    noise_levels: Annotated[str | None, typer.Option(help="Comma-separated label-noise levels (shares of flipped "
+                                                          "pairs), one run each; default 0,0.2,0.4.")] = None,
     epochs: Annotated[float | None, typer.Option(help="Budget: passes over the raw set, in optimizer steps.")] = None,
     learning_rate: Annotated[float | None, typer.Option(help="Learning rate of every arm.")] = None,
     workers: Annotated[int | None, typer.Option(help="Worker processes (0: run in this process).")] = None,
@@ -364,13 +365,22 @@ def gym(
     """Preference gym: every method side by side on a task with a known gold reward; writes the report."""
     import shlex
 
-    from training.gym import GymConfig, evaluate_claims, markdown_table, run_gym, with_overrides, write_report
+    from training.gym import (
+        GymConfig,
+        effects_table,
+        evaluate_claims,
+        markdown_table,
+        run_gym,
+        with_overrides,
+        write_report,
+    )
 
     seed_list = tuple(int(s) for s in seeds.split(",") if s.strip())
     arm_list = tuple(a.strip() for a in arms.split(",") if a.strip()) if arms else None
     try:
+        levels = tuple(float(n) for n in noise_levels.split(",") if n.strip()) if noise_levels else None
         base = GymConfig.quick() if quick else GymConfig()
-        config = with_overrides(base, seeds=seed_list, arms=arm_list, size=size, label_noise=label_noise,
+        config = with_overrides(base, seeds=seed_list, arms=arm_list, size=size, noise_levels=levels,
                                 epochs=epochs, learning_rate=learning_rate, workers=workers)
     except ValueError as exc:
         raise WinnowError(str(exc)) from None
@@ -379,6 +389,7 @@ def gym(
     command = shlex.join(["winnow", *sys.argv[1:]])
     report = write_report(result, out, out.parent / out.stem.lower(), command)
     console.print(markdown_table(result), highlight=False, markup=False)
+    console.print(effects_table(result), highlight=False, markup=False)
     for claim in evaluate_claims(result):
         console.print(f"[bold]{claim.verdict}[/]: {claim.statement}\n  {claim.evidence}", highlight=False)
     console.print(f"wall time {result.wall_seconds / 60:.1f} min; report {report}; per-seed numbers and catalogs "

@@ -233,6 +233,7 @@ def _train_key(context, parameters: dict[str, Any]) -> str:  # noqa: ANN001
 def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: str) -> dict[str, Any]:
     from curation.manifest import ShardManifest
     from flows.artifacts import TrainingProgress
+    from training.online import OnlineContext
     from training.stages import train_stages, training_lengths
 
     catalog = _catalog(config)
@@ -240,7 +241,8 @@ def train_task(config: PipelineConfig, run_id: str, shard_dir: str, model_path: 
     total = len(manifest.selected(config.train.max_stages))
     results = train_stages(Path(shard_dir), model_path, train_output_dir(config, run_id, shard_dir, model_path),
                            config.train, metrics_sink=_metrics_sink(catalog, run_id),
-                           callbacks=[TrainingProgress(run_id, total)], refresh=config.refresh)
+                           callbacks=[TrainingProgress(run_id, total)], refresh=config.refresh,
+                           online=OnlineContext(catalog, run_id))  # online curation reads and writes the catalog
     catalog.upsert_run(run_id, stage="train", status="trained", config={"train": config.train.to_dict()})
     return {"stages": [{"stage": r.stage, "model_dir": str(r.model_dir), "pairs": r.pairs, "objective": r.objective,
                         "resumed": r.resumed, "reference_source": r.reference_source, "train_loss": r.train_loss,

@@ -276,13 +276,13 @@ def test_beta_filter_removes_flipped_labels_with_precision_and_recall(tmp_path: 
     assert sample_precision >= 0.4
 
 
-@pytest.mark.parametrize(("n", "rho"), [(10, 0.3), (100, 0.2), (7, 0.5), (2944, 0.2), (5, 0.0)])
-def test_kept_count_is_the_papers_floor(n: int, rho: float) -> None:
-    expected = {(10, 0.3): 7, (100, 0.2): 80, (7, 0.5): 3, (2944, 0.2): 2355, (5, 0.0): 5}[(n, rho)]
-    assert kept_count(n, rho) == expected
+@pytest.mark.parametrize(("n", "keep"), [(10, 0.7), (100, 0.8), (7, 0.5), (2944, 0.8), (5, 1.0)])
+def test_kept_count_is_the_papers_floor(n: int, keep: float) -> None:
+    expected = {(10, 0.7): 7, (100, 0.8): 80, (7, 0.5): 3, (2944, 0.8): 2355, (5, 1.0): 5}[(n, keep)]
+    assert kept_count(n, keep) == expected
     margins = np.random.default_rng(n).normal(size=n)
     for mode in ("sample", "threshold"):
-        assert beta_filter(margins, BetaFilterConfig(mode=mode, rho=rho)).keep.sum() == expected
+        assert beta_filter(margins, BetaFilterConfig(mode=mode, keep=keep)).keep.sum() == expected
 
 
 def _exact_inclusion(weights: np.ndarray, k: int) -> np.ndarray:
@@ -323,13 +323,31 @@ def test_sample_mode_reproduces_the_reference_draw() -> None:
 
 def test_beta_filter_centres_and_tails() -> None:
     margins = np.array([-9.0, 1.0, 2.0, 2.5, 3.0, 3.5, 4.0, 20.0, 2.2, 2.8])
-    result = beta_filter(margins, BetaFilterConfig(rho=0.2))
+    result = beta_filter(margins, BetaFilterConfig(keep=0.8))
     assert not result.keep[0] and not result.keep[7] and result.keep[1:7].all()
     assert list(result.tail[[0, 7]]) == ["low", "high"]
     assert result.centre == pytest.approx(2.65)
     assert beta_filter(margins, BetaFilterConfig(enabled=False)).keep.all()
     with pytest.raises(WinnowError):
-        BetaFilterConfig(rho=1.0)
+        BetaFilterConfig(keep=0.0)
+
+
+def test_beta_filter_keep_is_the_papers_rho_and_rho_is_refused() -> None:
+    """The paper's rho (0.8) is the share kept: `keep=0.8` keeps 80%; the old drop-share `rho` fails in one line."""
+    margins = np.random.default_rng(0).normal(size=100)
+    assert beta_filter(margins, BetaFilterConfig(keep=0.8)).keep.sum() == 80
+    for bad in ({"rho": 0.8}, {"rho": 0.2}):
+        with pytest.raises(WinnowError, match="set `keep`, the share KEPT"):
+            BetaFilterConfig(**bad)
+    with pytest.raises(WinnowError, match="for a drop share d set keep = 1 - d"):
+        BetaFilterConfig(keep=0.2)
+    from flows.config import PipelineConfig
+
+    with pytest.raises(WinnowError, match="share KEPT"):  # a recipe or --set with the old name
+        PipelineConfig.load(None, {"curate.beta.rho": 0.8})
+    with pytest.raises(WinnowError, match="curate.beta.keeep"):  # and a typo is not silently ignored
+        PipelineConfig.load(None, {"curate.beta.keeep": 0.8})
+    assert PipelineConfig.load(None, {"curate.beta.keep": 0.9}).curate.beta.keep == 0.9
 
 
 # ----------------------------------------------------------------------------- rules
@@ -457,8 +475,9 @@ def _advice_frame(n: int = 400, *, longer: bool = False, low_edit: bool = False,
     ({}, "dpo", {}),
     ({"longer": True}, "ln-dpo", {}),
     ({"low_edit": True}, "dpop", {"dpop_lambda": 50.0}),
-    ({"flipped": 0.15, "low_edit": True}, "beta-dpo", {"dpop_lambda": 50.0}),
-    ({"flipped": 0.15, "longer": True}, "beta-dpo", {"length_normalize": True, "beta": 2.0}),
+    # entered == kept here (no offline filter), so under the joint policy beta-DPO keeps the paper's 0.8
+    ({"flipped": 0.15, "low_edit": True}, "beta-dpo", {"dpop_lambda": 50.0, "beta_keep": 0.8}),
+    ({"flipped": 0.15, "longer": True}, "beta-dpo", {"length_normalize": True, "beta": 2.0, "beta_keep": 0.8}),
 ])
 def test_advice_follows_the_signals_and_builds_an_objective(kwargs, objective: str, params: dict) -> None:
     frame = _advice_frame(**kwargs)
@@ -470,6 +489,35 @@ def test_advice_follows_the_signals_and_builds_an_objective(kwargs, objective: s
 
     built = Objective.from_preset(advice.objective, **advice.params)
     assert built.dpop_lambda == params.get("dpop_lambda", built.dpop_lambda)
+
+
+def test_one_filtering_policy_for_offline_and_in_batch_filtering() -> None:
+    """The offline and the in-batch filter drop 20% jointly (the paper's share), not 36%, and the advice says so."""
+    frame = _advice_frame(flipped=0.15)
+    kept = frame.head(int(frame.height * 0.8))  # what an offline filter keeping 80% passes on
+    joint = advise(frame, kept, "scores", AdviceConfig())
+    assert joint.objective == "beta-dpo" and joint.params["beta_keep"] == 1.0  # nothing more dropped in-batch
+    f = joint.evidence["filtering"]
+    assert (f["policy"], f["filter_keep"], f["offline_kept_share"], f["in_batch_keep"]) == ("joint", 0.8, 0.8, 1.0)
+    assert f["total_kept_share"] == pytest.approx(0.8) and "Filtering policy `joint`" in joint.rationale
+    # no offline filter: the in-batch filter takes the whole 20%; a milder offline filter: the rest
+    assert advise(frame, frame, "scores").params["beta_keep"] == 0.8
+    ninety = advise(frame, frame.head(int(frame.height * 0.9)), "scores").evidence["filtering"]
+    assert ninety["in_batch_keep"] == pytest.approx(0.8 / 0.9, abs=1e-4)
+    assert ninety["total_kept_share"] == pytest.approx(0.8, abs=1e-4)
+    # "each": both papers' filters stacked, and the product is what the advice records
+    each = advise(frame, kept, "scores", AdviceConfig(filter_policy="each")).evidence["filtering"]
+    assert each["in_batch_keep"] == 0.8 and each["total_kept_share"] == pytest.approx(0.64)
+    # an objective without an in-batch filter: the offline share is the total
+    plain = advise(_advice_frame(), _advice_frame().head(320), "scores").evidence["filtering"]
+    assert plain["in_batch_keep"] is None and plain["total_kept_share"] == pytest.approx(0.8)
+    with pytest.raises(WinnowError, match="share of the pairs KEPT"):
+        AdviceConfig(filter_keep=0.2)
+    with pytest.raises(WinnowError, match="joint"):
+        AdviceConfig(filter_policy="both")  # type: ignore[arg-type]
+    from training.objectives import Objective
+
+    assert Objective.from_preset(joint.objective, **joint.params).beta_keep == 1.0
 
 
 def test_negative_reference_margins_are_not_label_noise() -> None:
@@ -490,6 +538,10 @@ def test_advice_is_stored_in_the_catalog(demo) -> None:
     assert json.loads(row["params"]) == result.advice.params
     evidence = json.loads(row["evidence"])
     assert evidence["margins"]["negative_margin_share"] > 0.05 and row["objective"] == "beta-dpo"
+    # the joint filtering policy is recorded with the advice, in the catalog and in the manifest
+    assert evidence["filtering"]["policy"] == "joint" and json.loads(row["params"])["beta_keep"] == 1.0
+    manifest = json.loads(result.manifest_path.read_text())
+    assert manifest["advice"]["evidence"]["filtering"] == evidence["filtering"]
 
 
 # ----------------------------------------------------------------------------- conversational shards, report
@@ -522,6 +574,7 @@ def test_report_is_rebuilt_from_the_catalog_alone(demo) -> None:
     assert folder == catalog.workdir / run_id / "report"
     text = path.read_text()
     assert "| truncated |" in text and "## Objective advice" in text and "beta_outlier_low" in text
+    assert "## What was dropped, and where" in text and "| beta-guided filter (offline) |" in text
     for name in PLOTS:
         png = folder / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -18,8 +18,8 @@ from curation.store import Catalog
 from training.sorting import TRUTH_COLUMNS, PreferenceSetConfig, generate_preferences
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("runs", "pairs", "quarantine", "scores", "margins", "decisions", "stages", "shards", "advice",
-          "train_metrics", "evals")
+TABLES = ("runs", "pairs", "quarantine", "scores", "margins", "decisions", "decision_rounds", "stages", "shards",
+          "advice", "train_metrics", "evals")
 
 
 def small_overrides(source: Path, workdir: Path) -> dict:
@@ -72,7 +72,7 @@ def test_curate_and_train_end_to_end(small_source: Path, tmp_path: Path) -> None
     assert counts["decisions"] == counts["pairs"] == counts["scores"]
     assert [s["stage"] for s in summary["stages"]] == [1, 2]
     assert summary["stages"][0]["reference_source"] == "curation"
-    assert summary["stages"][1]["reference_source"] == "recomputed"
+    assert summary["stages"][1]["reference_source"] == "online"  # online curation (default): stage 1's policy
     assert {"gold_reward", "win_rate", "kl", "implicit_acc"} <= set(summary["eval"])
     assert Path(summary["report"]).is_file()
 

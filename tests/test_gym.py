@@ -1,9 +1,11 @@
 """The preference gym, cut down: plumbing and arithmetic, not the quality claims.
 
-One quick gym (1 seed, all 8 arms, a 1-layer model, ~160 pairs, in this process) checks that
-every arm trains under the same step budget, is evaluated on the same held-out set, lands in
-the catalog and the report, and that the reported numbers are exactly what the samples and
-the truth columns say. The claims themselves live in benchmarks/GYM.md (`winnow gym`).
+One quick gym (1 seed, 20% label noise, all arms, a 1-layer model, ~160 pairs, in this process)
+checks that every arm trains under the same step budget, is evaluated on the same held-out set,
+lands in the catalog and the report, that the curated arm's ablations train on the curation
+they name, and that the reported numbers are exactly what the samples and the truth columns
+say. A slow test runs two noise levels with three arms (the per-level plumbing). The claims
+themselves live in benchmarks/GYM.md (`winnow gym`).
 """
 
 from __future__ import annotations
@@ -121,39 +123,116 @@ def test_claim_rules_on_hand_made_numbers() -> None:
     assert claims["filter-precision"].verdict == "not reproduced"
 
 
+def _effects_result(gold: dict[str, dict[float, list[float]]]) -> gym.GymResult:
+    """A GymResult with hand-made per-seed gold rewards per arm and noise level."""
+    rows = [{"noise": noise, "seed": i, "arm": arm, "gold_reward": v}
+            for arm, levels in gold.items() for noise, values in levels.items() for i, v in enumerate(values)]
+    per_seed = pl.DataFrame(rows)
+    config = gym.GymConfig(seeds=(0, 1, 2), noise_levels=(0.0, 0.2, 0.4))
+    return gym.GymResult(config, per_seed, gym.summarise(per_seed, ["gold_reward"]), [], 1.0, {}, {})
+
+
+def test_part_effects_and_the_defaults_they_decide_on_hand_made_numbers() -> None:
+    base = [0.80, 0.82, 0.84]
+    same = {n: base for n in (0.0, 0.2, 0.4)}
+    gold = {arm: dict(same) for arm in gym.ARMS}
+    gold["winnow-curated"] = {0.0: base, 0.2: [0.85, 0.86, 0.90], 0.4: [0.81, 0.82, 0.84]}  # +0.05, +0.01, +0.003
+    for arm in ("curated-no-filter", "curated-in-batch", "curated-dpo", "trl-dpo"):  # everything else: no effect
+        gold[arm] = dict(gold["winnow-curated"])
+    gold["curated-each"] = {0.0: base, 0.2: [0.88, 0.90, 0.93], 0.4: gold["winnow-curated"][0.4]}  # stacking wins at 20%
+    gold["curated-one-stage"] = {0.0: base, 0.2: [0.88, 0.90, 0.93], 0.4: [0.70, 0.70, 0.70]}  # wins, loses at 40%
+    effects = {(e.part, e.noise): e for e in gym.part_effects(_effects_result(gold))}
+    online = effects[("online curation between stages", 0.2)]  # winnow-curated minus curated-no-online
+    assert online.diffs == pytest.approx([0.05, 0.04, 0.06]) and online.mean == pytest.approx(0.05)
+    assert online.std == pytest.approx(0.01) and online.verdict == "helps"
+    assert effects[("online curation between stages", 0.0)].verdict == "no clear effect"  # all zero
+    each = effects[("20% dropped in all rather than ~36% (policy joint vs each)", 0.2)]
+    assert each.mean == pytest.approx(-1 / 30) and each.verdict == "hurts"
+    decided = {d.setting: d for d in gym.decide_defaults(_effects_result(gold))}
+    assert decided["train.online_curation"].decision == "auto (on)"  # it helps: stays on
+    assert decided["curate.advice.filter_policy"].decision == "each"  # stacking wins at 20%, loses nowhere
+    assert decided["curate.stages.k"].decision == "2"  # one stage wins at 20% but loses at 40%: kept
+    assert decided["train.objective"].decision == "auto"
+    gold["curated-no-online"] = {0.0: base, 0.2: [0.90, 0.92, 0.95], 0.4: gold["winnow-curated"][0.4]}  # without wins
+    assert {d.setting: d for d in gym.decide_defaults(_effects_result(gold))}["train.online_curation"].decision == \
+        "false"
+
+
 # --------------------------------------------------------------------------- the cut-down gym
+
+
+NOISE = (0.2,)
+STAGED = {"winnow-curated", "curated-no-filter", "curated-in-batch", "curated-each", "curated-dpo",
+          "curated-no-online"}
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[gym.GymResult, Path]:
     workdir = tmp_path_factory.mktemp("gym")
-    result = gym.run_gym(gym.GymConfig.quick(), workdir, log=lambda line: None)
+    result = gym.run_gym(gym.GymConfig.quick(noise_levels=NOISE), workdir, log=lambda line: None)
     return result, workdir
 
 
 def test_every_arm_runs_under_the_same_budget(quick) -> None:  # noqa: ANN001
     result, _ = quick
-    per_seed = result.per_seed
-    assert per_seed["arm"].to_list() == ["reference", *gym.ARMS]
-    data = result.seeds[0]
-    assert data.steps == gym.budget_steps(data.raw_pairs, result.config)
-    steps = dict(per_seed.select("arm", "steps").iter_rows())
-    for arm in gym.ARMS:
-        if arm == "winnow-curated":  # train_stages: budget // stages per stage, never more than the budget
-            assert data.steps - (result.config.stages - 1) <= steps[arm] <= data.steps
-        else:
-            assert steps[arm] == data.steps, arm
-    pairs = dict(per_seed.select("arm", "pairs").iter_rows())
-    assert pairs["winnow-curated"] == pairs["offline-filter"] == data.kept_pairs < data.raw_pairs
-    assert all(pairs[a] == data.raw_pairs for a in ("trl-dpo", "dpop", "ln-dpo", "minor-dpo", "beta-dpo", "sdpo"))
-    for metric in gym.TABLE_METRICS:
-        assert per_seed[metric].null_count() == 0, metric
-    assert per_seed["gold_reward"].is_between(0, 1).all() and per_seed["win_rate"].is_between(0, 1).all()
+    assert [(s.noise, s.seed) for s in result.seeds] == [(n, 0) for n in NOISE]
+    for data in result.seeds:
+        per_seed = result.per_seed.filter(pl.col("noise") == data.noise)
+        assert per_seed["arm"].to_list() == ["reference", *gym.ARMS]
+        assert data.steps == gym.budget_steps(data.raw_pairs, result.config)
+        steps = dict(per_seed.select("arm", "steps").iter_rows())
+        for arm in gym.ARMS:
+            if arm in STAGED:  # train_stages: budget // stages per stage, never more than the budget
+                assert data.steps - (result.config.stages - 1) <= steps[arm] <= data.steps, arm
+            else:
+                assert steps[arm] == data.steps, arm
+        pairs = dict(per_seed.select("arm", "pairs").iter_rows())
+        assert pairs["winnow-curated"] == pairs["offline-filter"] == data.kept_pairs < data.raw_pairs
+        assert pairs["curated-each"] == pairs["curated-dpo"] == pairs["curated-no-online"] == data.kept_pairs
+        assert pairs["curated-one-stage"] == data.kept_pairs
+        entered = data.raw_pairs - data.filter["dropped_by_rules"]  # no offline beta filter: every rule survivor
+        assert pairs["curated-no-filter"] == pairs["curated-in-batch"] == entered > data.kept_pairs
+        assert all(pairs[a] == data.raw_pairs for a in ("trl-dpo", "dpop", "ln-dpo", "minor-dpo", "beta-dpo", "sdpo"))
+        for metric in gym.TABLE_METRICS:
+            assert per_seed[metric].null_count() == 0, metric
+        assert per_seed["gold_reward"].is_between(0, 1).all() and per_seed["win_rate"].is_between(0, 1).all()
+
+
+def test_ablations_train_on_the_curation_they_name(quick) -> None:  # noqa: ANN001
+    """The filtering policy and stage count each ablation claims, read back from its own catalog and manifest."""
+    from curation.manifest import ShardManifest
+
+    result, _ = quick
+    data = result.seed_data(0, 0.2)
+    v = data.variants
+    assert {a.curation for a in map(gym.get_arm, gym.ARMS)} <= set(v) and set(v) <= set(gym.CURATIONS)
+    filtering = {name: variant.advice["evidence"]["filtering"] for name, variant in v.items()}
+    assert filtering["default"]["policy"] == "joint" and filtering["each"]["policy"] == "each"
+    assert filtering["default"]["offline_kept_share"] == pytest.approx(0.8, abs=0.01)
+    assert filtering["no-offline-filter"]["offline_kept_share"] == filtering["no-filter"]["offline_kept_share"] == 1.0
+    if v["default"].advice["objective"] == "beta-dpo":  # where beta-DPO's in-batch filter exists
+        assert v["default"].advice["params"]["beta_keep"] == 1.0  # joint: the offline filter took the 20%
+        assert v["no-offline-filter"].advice["params"]["beta_keep"] == 0.8  # joint: the in-batch filter takes it
+        assert v["no-filter"].advice["params"]["beta_keep"] == 1.0
+        assert v["each"].advice["params"]["beta_keep"] == 0.8  # stacked: ~36% in all
+        assert filtering["each"]["total_kept_share"] == pytest.approx(0.64, abs=0.01)
+    assert len(ShardManifest.load(v["one-stage"].shard_dir).stages) == 1
+    assert len(ShardManifest.load(v["default"].shard_dir).stages) == result.config.stages
+    # online curation is on by default: each staged arm's rounds are in its own catalog copy, none elsewhere
+    def rounds(arm: str) -> pl.DataFrame:
+        return Catalog(data.dir / "arms" / arm / "catalog").query(
+            "SELECT round, count(*) AS n, sum(kept::INT) AS kept FROM decision_rounds WHERE run_id = ? GROUP BY 1",
+            [data.run_id])
+
+    assert rounds("winnow-curated")["round"].to_list() == [1] and rounds("winnow-curated")["kept"].item() > 0
+    assert rounds("curated-dpo")["round"].to_list() == [1]
+    assert rounds("curated-no-online").height == 0 and rounds("curated-one-stage").height == 0  # off; one stage
+    assert Catalog(data.dir).query("SELECT count(*) AS n FROM decision_rounds").item() == 0
 
 
 def test_reference_against_itself_is_the_known_zero(quick) -> None:  # noqa: ANN001
     result, _ = quick
-    ref = result.per_seed.filter(pl.col("arm") == "reference").row(0, named=True)
+    ref = result.at(0.2).per_seed.filter(pl.col("arm") == "reference").row(0, named=True)
     assert ref["kl"] == 0.0 and ref["win_rate"] == 0.5
     assert ref["chosen_drift"] == 0.0 and ref["implicit_acc"] == 0.0  # a zero margin is not a learned preference
     assert ref["gold_reward"] == ref["gold_reward_ref"]
@@ -161,9 +240,9 @@ def test_reference_against_itself_is_the_known_zero(quick) -> None:  # noqa: ANN
 
 def test_reported_metrics_equal_the_samples(quick) -> None:  # noqa: ANN001
     result, _ = quick
-    data = result.seeds[0]
-    for arm in ("trl-dpo", "winnow-curated", "sdpo"):
-        row = result.per_seed.filter(pl.col("arm") == arm).row(0, named=True)
+    data = result.seed_data(0, 0.2)
+    for arm in ("trl-dpo", "winnow-curated", "sdpo", "curated-no-online"):
+        row = result.at(0.2).per_seed.filter(pl.col("arm") == arm).row(0, named=True)
         samples = pl.read_parquet(data.dir / "arms" / arm / "samples.parquet")
         gold = np.array([gold_reward(p, r) for p, r in zip(samples["prompt"], samples["response"], strict=True)])
         ref = np.array([gold_reward(p, r) for p, r in zip(samples["prompt"], samples["response_ref"], strict=True)])
@@ -176,13 +255,13 @@ def test_reported_metrics_equal_the_samples(quick) -> None:  # noqa: ANN001
 
 def test_filter_quality_matches_decisions_and_truth(quick) -> None:  # noqa: ANN001
     result, _ = quick
-    data = result.seeds[0]
+    data = result.seed_data(0, 0.2)
     decisions = Catalog(data.dir).query(
         "SELECT p.prompt, p.chosen, p.rejected, d.reason FROM decisions d JOIN pairs p USING (run_id, pair_id) "
         "WHERE d.run_id = ?", [data.run_id])
     from training.sorting import generate_preferences
 
-    truth = generate_preferences(result.config.preference_config(data.seed))
+    truth = generate_preferences(result.config.preference_config(data.seed, data.noise))
     joined = decisions.join(truth, on=["prompt", "chosen", "rejected"], how="left")
     assert joined["is_flipped"].null_count() == 0
     dropped = joined.filter(pl.col("reason").str.starts_with("beta_outlier"))
@@ -193,11 +272,12 @@ def test_filter_quality_matches_decisions_and_truth(quick) -> None:  # noqa: ANN
 
 def test_evals_rows_land_in_the_seed_catalog(quick) -> None:  # noqa: ANN001
     result, _ = quick
-    data = result.seeds[0]
-    evals = Catalog(data.dir).query("SELECT model, metric, value FROM evals WHERE run_id = ?", [data.run_id])
-    assert set(evals["model"]) == {"reference", *gym.ARMS}
-    gold = evals.filter((pl.col("model") == "dpop") & (pl.col("metric") == "gold_reward"))["value"].item()
-    assert gold == pytest.approx(result.per_seed.filter(pl.col("arm") == "dpop")["gold_reward"].item())
+    for data in result.seeds:
+        evals = Catalog(data.dir).query("SELECT model, metric, value FROM evals WHERE run_id = ?", [data.run_id])
+        assert set(evals["model"]) == {"reference", *gym.ARMS}
+        gold = evals.filter((pl.col("model") == "dpop") & (pl.col("metric") == "gold_reward"))["value"].item()
+        assert gold == pytest.approx(result.at(data.noise).per_seed.filter(pl.col("arm") == "dpop")["gold_reward"]
+                                     .item())
 
 
 def test_report_table_plots_and_kept_notes(quick, tmp_path: Path) -> None:  # noqa: ANN001
@@ -207,9 +287,14 @@ def test_report_table_plots_and_kept_notes(quick, tmp_path: Path) -> None:  # no
     text = out.read_text()
     assert "winnow gym --quick" in text and "Wall time" in text
     for arm in gym.ARMS:
-        assert f"| `{arm}` |" in text
-    assert text.count("| **") == 4  # four claims with a verdict
-    for png in ("metrics.png", "drift.png"):
+        assert text.count(f"| `{arm}` |") == len(NOISE)  # a row in each level's table
+    claims = text.split("## Claims", 1)[1].split("\n## ", 1)[0]
+    assert claims.count("| **") == 4 * len(NOISE)  # four claims with a verdict, at each noise level
+    effects = text.split("## Each part's effect", 1)[1].split("\n## ", 1)[0]
+    assert all(f"| {part} |" in effects for part, _, _ in gym.PARTS)
+    decided = text.split("## Defaults the gym decides", 1)[1].split("\n## ", 1)[0]
+    assert decided.count("| **") == len(gym.decide_defaults(result)) == 6
+    for png in ("metrics.png", "drift.png", "gold_by_noise.png"):
         assert (tmp_path / "gym" / png).stat().st_size > 10_000
     out.write_text(text + "My reading of the numbers.\n")
     gym.write_report(result, out, tmp_path / "gym", "winnow gym --quick")
@@ -221,7 +306,12 @@ def test_config_validation() -> None:
         gym.GymConfig(arms=("dpo-plus",))
     with pytest.raises(ValueError, match="distinct"):
         gym.GymConfig(seeds=(1, 1))
-    assert gym.with_overrides(gym.GymConfig(), size=None, label_noise=0.3).label_noise == 0.3
+    assert gym.with_overrides(gym.GymConfig(), size=None, noise_levels=(0.3,)).noise_levels == (0.3,)
+    with pytest.raises(ValueError, match="noise levels"):
+        gym.GymConfig(noise_levels=(0.2, 0.2))
+    with pytest.raises(ValueError, match="noise levels"):
+        gym.GymConfig(noise_levels=(0.8,))
+    assert gym.GymConfig().noise_levels == (0.0, 0.2, 0.4) and gym.GymConfig().primary_noise == 0.2
 
 
 # --------------------------------------------------------------------------- the arm registry
@@ -229,7 +319,8 @@ def test_config_validation() -> None:
 
 def test_every_arm_is_registered_with_its_description() -> None:
     assert gym.ARMS == ("trl-dpo", "winnow-curated", "dpop", "ln-dpo", "minor-dpo", "beta-dpo", "sdpo",
-                        "offline-filter")  # the report's row order
+                        "offline-filter", "curated-no-filter", "curated-in-batch", "curated-each",
+                        "curated-one-stage", "curated-dpo", "curated-no-online")  # the report's row order
     for name in gym.ARMS:
         arm = gym.get_arm(name)
         assert arm.name == name and callable(arm.train)
@@ -247,3 +338,23 @@ def test_an_unknown_arm_fails_in_one_line() -> None:
     assert "\n" not in message and "'dpo-plus'" in message and all(name in message for name in gym.ARMS)
     with pytest.raises(ValueError, match=r"unknown gym arm\(s\) \['a', 'b'\]"):
         gym.GymConfig(arms=("b", "trl-dpo", "a"))
+
+
+@pytest.mark.slow
+def test_noise_levels_each_get_their_data_reference_and_rows(tmp_path: Path) -> None:
+    """Two noise levels: one set, reference and catalog per level; flipped shares follow the level."""
+    levels = (0.0, 0.4)
+    config = gym.GymConfig.quick(noise_levels=levels, arms=("trl-dpo", "winnow-curated", "curated-no-filter"))
+    result = gym.run_gym(config, tmp_path, log=lambda line: None)
+    assert [(s.noise, s.seed) for s in result.seeds] == [(0.0, 0), (0.4, 0)]
+    assert result.per_seed.group_by("noise").len().sort("noise")["len"].to_list() == [4, 4]  # reference + 3 arms
+    flipped = {s.noise: s.filter["flipped"] / s.raw_pairs for s in result.seeds}
+    assert flipped[0.0] == 0 and flipped[0.4] == pytest.approx(0.4, abs=0.1)
+    assert result.seeds[0].dir != result.seeds[1].dir and result.seeds[0].run_id != result.seeds[1].run_id
+    claims = {(c.name, c.noise): c for n in levels for c in gym.evaluate_claims(result, n)}
+    assert claims[("filter-precision", 0.0)].verdict == "not measured"  # no flipped pairs to find
+    effects = [e for e in gym.part_effects(result) if e.part.startswith("beta-guided filtering")]
+    assert [e.noise for e in effects] == list(levels) and all(len(e.diffs) == 1 for e in effects)
+    text = gym.render_report(result, "winnow gym", [], tmp_path / "GYM.md")
+    assert "## Results at 0% label noise" in text and "## Results at 40% label noise" in text
+    assert gym.clear_previous(tmp_path) and not (tmp_path / "noise-00").exists()

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from training.objectives import PRESETS, Objective, _sample_without_replacement
 
@@ -283,8 +284,8 @@ def test_beta_dpo_running_stats_follow_momentum_recursion() -> None:
     assert obj.state_dict()["steps"] == 4
 
 
-def test_beta_dpo_rho_zero_beta_formula_and_loss() -> None:
-    obj = Objective.from_preset("beta-dpo", beta_rho=0.0, seed=0)
+def test_beta_dpo_keep_all_beta_formula_and_loss() -> None:
+    obj = Objective.from_preset("beta-dpo", beta_keep=1.0, seed=0)
     m0 = sigma = 0.0
     for batch in _batches(3, 6):
         gaps = _gaps(batch)
@@ -299,17 +300,17 @@ def test_beta_dpo_rho_zero_beta_formula_and_loss() -> None:
 
 
 def test_beta_dpo_beta_clamped_and_detached() -> None:
-    obj = Objective.from_preset("beta-dpo", beta_rho=0.0, beta_alpha=100.0)
+    obj = Objective.from_preset("beta-dpo", beta_keep=1.0, beta_alpha=100.0)
     pc = _t(-5.0, -6.0, -7.0, grad=True)  # large negative gaps drive beta below zero
     _, stats = obj.loss(pc, _t(0.0, 0.0, 0.0), _t(0.0, 0.0, 0.0), _t(0.0, 0.0, 0.0))
     assert stats["beta"] == 1e-3
     assert isinstance(stats["beta"], float)
 
 
-@pytest.mark.parametrize(("n", "rho"), [(10, 0.2), (10, 0.3), (7, 0.2), (64, 0.25), (5, 0.5), (100, 0.29)])
-def test_beta_dpo_kept_count(n: int, rho: float) -> None:
-    obj = Objective.from_preset("beta-dpo", beta_rho=rho, seed=1)
-    expected = math.floor(round(n * (1 - rho), 9))
+@pytest.mark.parametrize(("n", "keep"), [(10, 0.8), (10, 0.7), (7, 0.8), (64, 0.75), (5, 0.5), (100, 0.71)])
+def test_beta_dpo_kept_count(n: int, keep: float) -> None:
+    obj = Objective.from_preset("beta-dpo", beta_keep=keep, seed=1)
+    expected = math.floor(round(n * keep, 9))
     for batch in _batches(3, n):
         loss, stats = obj.loss(*batch, reduction="none")
         assert int(stats["mask"].sum()) == expected
@@ -417,18 +418,155 @@ def test_beta_dpo_eval_calls_leave_training_untouched() -> None:
 
 
 def test_composition_beta_dpo_dpop_ln() -> None:
-    obj = Objective.from_preset("beta-dpo", dpop_lambda=50.0, length_normalize=True, beta_rho=0.0)
+    obj = Objective.from_preset("beta-dpo", dpop_lambda=50.0, length_normalize=True, beta_keep=1.0)
     pc, pr, rc, rr = _t(-8.0, 2.0, -1.0), _t(-4.0, -6.0, 3.0), _t(-6.0, 0.0, 0.0), _t(0.0, 0.0, 0.0)
     lc, lr = torch.tensor([4, 2, 1]), torch.tensor([2, 3, 5])
     r_w = [(-8.0 + 6.0) / 4, 2.0 / 2, -1.0 / 1]
     r_l = [-4.0 / 2, -6.0 / 3, 3.0 / 5]
-    gaps = [w - lo - 50.0 * max(0.0, -w) for w, lo in zip(r_w, r_l, strict=True)]
+    z = [w - lo - 50.0 * max(0.0, -w) for w, lo in zip(r_w, r_l, strict=True)]  # what beta multiplies
+    raw = [(-8.0 + 6.0) - (-4.0), 2.0 - (-6.0), -1.0 - 3.0]  # beta-DPO's M: summed, untransformed
     loss, stats = obj.loss(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr)
-    assert stats["gaps"].tolist() == pytest.approx(gaps)
-    m0 = 0.1 * statistics.fmean(gaps)
-    beta_b = max(0.1 * (1 + 0.6 * (statistics.fmean(gaps) - m0)), 1e-3)
+    assert stats["gaps"].tolist() == pytest.approx(raw)
+    assert stats["loss_margins"].tolist() == pytest.approx(z)
+    m0 = 0.1 * statistics.fmean(raw)
+    beta_b = max(0.1 * (1 + 0.6 * (statistics.fmean(raw) - m0)), 1e-3)
     assert stats["beta"] == pytest.approx(beta_b)
-    assert loss.item() == pytest.approx(statistics.fmean(_softplus(-beta_b * g) for g in gaps))
+    assert loss.item() == pytest.approx(statistics.fmean(_softplus(-beta_b * g) for g in z))
+
+
+# ------------------------------------------- beta-DPO composed with LN, MinorDPO and DPOP (issue 15)
+#
+# The reference's arithmetic, written out (github.com/junkangwu/beta-DPO, trainers.py; OBJECTIVES.md
+# section 4): M = r_w - r_l on summed log-probs, running statistics updated before the loss, weights
+# exp(-0.5 ((M - M0) / sigma)^2), k = floor(N * keep) pairs drawn with torch.multinomial without
+# replacement, beta_b = beta0 * (1 + a * (mean of the kept M - M0)). Whatever the objective adds
+# (LN, Minor's clamp, DPOP's penalty) changes the loss, never M.
+
+
+def _reference_beta_dpo(batches: list[tuple[torch.Tensor, ...]], seed: int, keep: float = 0.8, beta0: float = 0.1,
+                        alpha: float = 0.6) -> list[dict[str, Any]]:
+    """Per step: M0, sigma, the kept mask and beta_b, as the reference code computes them."""
+    generator = torch.Generator().manual_seed(seed)
+    m0 = sigma = 0.0
+    out = []
+    for pc, pr, rc, rr in batches:
+        gaps = (pc - rc) - (pr - rr)
+        m0 = 0.9 * m0 + 0.1 * gaps.mean().item()
+        sigma = 0.9 * sigma + 0.1 * gaps.std().item()
+        weights = torch.exp(-0.5 * ((gaps - m0) / max(sigma, 1e-8)) ** 2)
+        k = math.floor(gaps.numel() * keep + 1e-9)
+        mask = torch.zeros(gaps.numel(), dtype=torch.bool)
+        mask[torch.multinomial(weights, k, replacement=False, generator=generator)] = True
+        beta_b = max(beta0 * (1 + alpha * (gaps[mask].mean().item() - m0)), 1e-3)
+        out.append({"m0": m0, "sigma": sigma, "mask": mask, "beta": beta_b, "gaps": gaps})
+    return out
+
+
+def _training_like_batches(steps: int, n: int, seed: int, drift: float = 0.02) -> tuple[list[tuple[torch.Tensor, ...]],
+                                                                                       list[tuple]]:
+    """Summed log-ratios of 10-40-token completions; per token, r_w drifts up (r_l down) by `drift` a step."""
+    g = torch.Generator().manual_seed(seed)
+    batches, lengths = [], []
+    for step in range(steps):
+        lc = torch.randint(10, 41, (n,), generator=g)
+        lr = torch.randint(10, 41, (n,), generator=g)
+        r_w = lc * (drift * step + 0.08 * torch.randn(n, generator=g, dtype=torch.float64))
+        r_l = lr * (-drift * step + 0.08 * torch.randn(n, generator=g, dtype=torch.float64))
+        zeros = torch.zeros(n, dtype=torch.float64)
+        batches.append((r_w, r_l, zeros, zeros))
+        lengths.append((lc, lr))
+    return batches, lengths
+
+
+COMPOSITIONS = [
+    {},
+    {"dpop_lambda": 50.0},
+    {"dpop_lambda": 50.0, "dpop_placement": "outside"},
+    {"minor": True},
+    {"length_normalize": True},
+    {"length_normalize": True, "beta": 2.0, "dpop_lambda": 50.0},  # the composition Winnow advises for the demo
+    {"length_normalize": True, "minor": True, "dpop_lambda": 50.0},
+]
+
+
+@pytest.mark.parametrize("knobs", COMPOSITIONS, ids=lambda k: "+".join(k) or "beta-dpo")
+def test_beta_dpo_statistic_is_the_raw_gap_whatever_the_objective_adds(knobs: dict[str, Any]) -> None:
+    batches, lengths = _training_like_batches(12, 24, seed=4)
+    obj = Objective.from_preset("beta-dpo", seed=11, **knobs)
+    beta0 = obj.beta
+    expected = _reference_beta_dpo(batches, seed=11, beta0=beta0)
+    for (pc, pr, rc, rr), (lc, lr), ref in zip(batches, lengths, expected, strict=True):
+        loss, stats = obj.loss(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr)
+        assert (stats["gap_mean"], stats["gap_std"]) == pytest.approx((ref["m0"], ref["sigma"]), rel=1e-12)
+        assert torch.equal(stats["mask"], ref["mask"])
+        assert stats["beta"] == pytest.approx(ref["beta"], rel=1e-12)
+        # the loss still uses the transformed margin, on the kept pairs, with the batch's beta
+        r_w, r_l = pc - rc, pr - rr
+        if knobs.get("length_normalize"):
+            r_w, r_l = r_w / lc, r_l / lr
+        z = r_w - (r_l.clamp(min=0) if knobs.get("minor") else r_l)
+        penalty = knobs.get("dpop_lambda", 0.0) * torch.relu(-r_w)
+        inside = knobs.get("dpop_placement", "inside") == "inside"
+        per_pair = -F.logsigmoid(ref["beta"] * (z - penalty if inside else z)) + (0 if inside else penalty)
+        assert loss.item() == pytest.approx(per_pair[ref["mask"]].mean().item(), rel=1e-10)
+
+
+def test_length_normalisation_keeps_the_dynamic_beta_moving() -> None:
+    """Issue 15, point 1: under LN the statistic stays on sums, so beta_b/beta0 moves as much as without LN."""
+    batches, lengths = _training_like_batches(60, 32, seed=7)
+    traces = {}
+    for ln in (False, True):
+        obj = Objective.from_preset("beta-dpo", seed=5, length_normalize=ln, beta=2.0 if ln else 0.1)
+        traces[ln] = [obj.loss(*b, chosen_lengths=lc, rejected_lengths=lr)[1]["beta"] / obj.beta
+                      for b, (lc, lr) in zip(batches, lengths, strict=True)]
+    assert traces[True] == pytest.approx(traces[False], rel=1e-12)  # LN changes the loss, not beta_b/beta0
+    reference = [r["beta"] / 0.1 for r in _reference_beta_dpo(batches, seed=5)]
+    assert traces[True] == pytest.approx(reference, rel=1e-12)
+    moving = statistics.pstdev(traces[True][10:])
+    assert moving > 0.15  # beta_b really adapts: a spread of 15%+ of beta0 after the first steps
+    # what taking M on the per-token gaps (the earlier code) did to the same batches: inert
+    per_token = [((pc - rc) / lc - (pr - rr) / lr, pc) for (pc, pr, rc, rr), (lc, lr) in zip(batches, lengths,
+                                                                                              strict=True)]
+    inert = _reference_beta_dpo([(g, torch.zeros_like(g), torch.zeros_like(g), torch.zeros_like(g))
+                                 for g, _ in per_token], seed=5)
+    assert statistics.pstdev([r["beta"] / 0.1 for r in inert][10:]) < moving / 10
+
+
+def test_dpop_penalty_does_not_decide_which_pairs_beta_dpo_drops() -> None:
+    """Issue 15, point 2: with lambda 50 the pairs DPOP protects (r_w < 0) are dropped at the reference's rate."""
+    batches, _ = _training_like_batches(200, 32, seed=9, drift=0.0)  # r_w < 0 for about half the pairs
+    obj = Objective.from_preset("beta-dpo", seed=2, dpop_lambda=50.0)
+    reference = _reference_beta_dpo(batches, seed=2)
+    dropped = below = dropped_ref = 0
+    betas, betas_ref = [], []
+    for b, ref in zip(batches, reference, strict=True):
+        stats = obj.loss(*b)[1]
+        negative = (b[0] - b[2]) < 0
+        below += int(negative.sum())
+        dropped += int((negative & ~stats["mask"]).sum())
+        dropped_ref += int((negative & ~ref["mask"]).sum())
+        betas.append(stats["beta"])
+        betas_ref.append(ref["beta"])
+    assert dropped == dropped_ref and below > 2000
+    assert 0.15 < dropped / below < 0.35  # near the overall 20%, not singled out
+    assert statistics.fmean(betas) == pytest.approx(statistics.fmean(betas_ref), rel=1e-12)
+
+
+def test_keep_share_is_the_papers_rho_and_the_drop_share_name_is_refused() -> None:
+    """Issue 15, point 4: the paper's rho 0.8 keeps 80%; beta_rho (a drop share) cannot be passed by mistake."""
+    batch = next(_batches(1, 10))
+    _, stats = Objective.from_preset("beta-dpo", beta_keep=0.8, seed=0).loss(*batch)
+    assert int(stats["mask"].sum()) == 8
+    for build in (lambda: Objective.from_preset("beta-dpo", beta_rho=0.8), lambda: Objective(beta_rho=0.2)):
+        with pytest.raises(ValueError, match="beta_keep, the share of each batch KEPT"):
+            build()
+    with pytest.raises(ValueError, match="for a drop share d pass beta_keep = 1 - d"):
+        Objective.from_preset("beta-dpo", beta_keep=0.2)  # a drop share pasted into the keep share
+    from curation.errors import WinnowError
+    from training.config import TrainConfig, resolve_objective
+
+    with pytest.raises((ValueError, WinnowError), match="beta_keep"):
+        resolve_objective(TrainConfig(objective="beta-dpo", objective_overrides={"beta_rho": 0.8}), None)
 
 
 def _dist_worker(rank: int, world: int, tmp: str, batch: tuple[torch.Tensor, ...]) -> None:
@@ -485,7 +623,7 @@ def test_presets_set_their_knobs() -> None:
     assert Objective.from_preset("ln-dpo").length_normalize
     assert Objective.from_preset("minor-dpo").minor
     b = Objective.from_preset("beta-dpo")
-    assert (b.dynamic_beta, b.beta, b.beta_alpha, b.beta_rho) == (True, 0.1, 0.6, 0.2)
+    assert (b.dynamic_beta, b.beta, b.beta_alpha, b.beta_keep) == (True, 0.1, 0.6, 0.8)
     c = Objective.from_preset("beta-dpo", dpop_lambda=5.0, minor=True, beta=0.3)
     assert (c.name, c.dynamic_beta, c.dpop_lambda, c.minor, c.beta) == ("beta-dpo", True, 5.0, True, 0.3)
 
@@ -503,7 +641,9 @@ def test_preset_errors() -> None:
         {"beta": 0.0},
         {"dpop_lambda": -1.0},
         {"dpop_placement": "middle"},
-        {"beta_rho": 1.0},
+        {"beta_keep": 1.01},
+        {"beta_keep": 0.2},
+        {"beta_rho": 0.2},
         {"beta_momentum": 1.0},
     ],
 )
@@ -520,5 +660,6 @@ def test_invalid_reduction_and_stats_keys() -> None:
     assert loss.shape == (2,)
     assert {"beta", "mask", "kept_fraction", "chosen_rewards", "rejected_rewards", "margins"} <= stats.keys()
     assert stats["mask"].dtype == torch.bool and stats["mask"].all()
-    assert not any(stats[k].requires_grad for k in ("chosen_rewards", "rejected_rewards", "margins", "gaps"))
+    assert not any(stats[k].requires_grad for k in ("chosen_rewards", "rejected_rewards", "margins", "gaps",
+                                                    "loss_margins"))
     torch.testing.assert_close(stats["margins"], _t(0.1, 0.1))

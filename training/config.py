@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from curation.config_fields import setting
 
@@ -45,6 +45,14 @@ class TrainConfig:
                                                       "report_to: none, all (every one installed), or names "
                                                       "(comma-separated or a list) among tensorboard, wandb, mlflow, "
                                                       "trackio. tensorboard writes under each stage folder, logs/.")
+    # The gym decided the default (benchmarks/GYM.md: +0.008 gold reward at 20% label noise, no loss elsewhere).
+    online_curation: Literal["auto"] | bool = setting(
+        "auto", help="Online curation between sDPO stages: before stage k+1, re-score the pairs not yet taught "
+                     "(later stages and the beta filter's drops) with the stage-k policy margin, re-run the "
+                     "beta-guided filter at the same share and re-stage them; every round's decisions go to the "
+                     "catalog table decision_rounds (training/online.py). auto (default): on wherever it can run "
+                     "(the run's catalog holds its decisions, plain-text pairs, one process), else skipped with a "
+                     "warning; true: required (an error where it cannot run); false: off.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

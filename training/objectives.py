@@ -9,8 +9,26 @@ quantity ``beta`` multiplies, so they compose in one fixed order:
 3. DPOP        penalty ``p = lambda * max(0, -r_w)`` on the (possibly normalised) ``r_w``:
                "inside" (v2, default) ``z = r_w - r_l - p``, loss ``-logsigmoid(beta * z)``;
                "outside" (v1 reading) ``z = r_w - r_l``, loss ``-logsigmoid(beta * z) + p``.
-4. beta-DPO    ``beta`` becomes a detached per-batch value computed from the gaps ``M = z`` (the
-               same transformed margin the loss uses, without beta), and the batch is masked.
+4. beta-DPO    ``beta`` becomes a detached per-batch value and the batch is masked, both computed
+               from the RAW gap ``M = r_w - r_l`` on summed log-probs (step 1 of the reference code,
+               github.com/junkangwu/beta-DPO): never from ``z``. Whatever steps 1-3 add, M is the
+               same number, because they change what the loss optimises, not which pairs are
+               outliers or how confident the batch is. Taking M on ``z`` (Winnow's earlier code)
+               let DPOP's penalty (lambda 50) dominate M, so the filter dropped the very pairs
+               DPOP protects (r_w < 0) and beta_b was biased up; and under LN it made M ~|y| times
+               smaller, so with a = 0.6 beta_b barely moved (std 0.8% of beta0 against 47%).
+
+               Under LN the statistic stays on sums (rather than scaling ``beta_alpha``): a = 0.6
+               was tuned on summed gaps, and ``beta_b / beta0 = 1 + a * (mean_kept(M) - M0)`` is a
+               relative change of beta, which means the same whether beta0 is on the summed or
+               the per-token scale. Scaling a instead would need a typical length per batch or
+               data set (a new knob) and would make the kept set depend on how the loss is
+               parametrised. So ``length_normalize`` changes the loss only: the kept set and
+               beta_b / beta0 are identical with and without it (tests/test_objectives.py).
+
+               ``beta_keep`` is the share of each batch KEPT (the paper's rho, 0.8); a drop share
+               and a keep share never share a name, and a value below 0.5 is refused (it would
+               drop most of every batch: the sign of a drop share pasted into a keep share).
 
 With every knob off this is exactly TRL's ``loss_type="sigmoid"``. The "outside" form follows
 OBJECTIVES.md's reading of Smaug v1: the penalty is added to the loss unscaled by beta, so the
@@ -23,7 +41,7 @@ describe the policy, not the loss); ``margins`` is chosen minus rejected reward,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 from typing import Any, Literal
 
 import torch
@@ -47,8 +65,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ln-dpo": {"length_normalize": True, "beta": 2.0},
     "minor-dpo": {"minor": True},
     # Reference-run defaults of github.com/junkangwu/beta-DPO.
-    "beta-dpo": {"dynamic_beta": True, "beta": 0.1, "beta_alpha": 0.6, "beta_rho": 0.2},
+    # beta_keep is the paper's rho (share kept): the reference run's "rho = 0.2" drops 20%.
+    "beta-dpo": {"dynamic_beta": True, "beta": 0.1, "beta_alpha": 0.6, "beta_keep": 0.8},
 }
+
+# Removed option names -> what replaces them. A name whose meaning flipped is refused with this
+# line instead of being accepted: beta_rho was the share DROPPED, the paper's rho is the share kept.
+RENAMED: dict[str, str] = {
+    "beta_rho": "beta_rho (the share dropped) was removed: pass beta_keep, the share of each batch KEPT "
+                "(the paper's rho: 0.8 keeps 80%; beta_keep = 1 - beta_rho)",
+}
+MIN_KEEP = 0.5  # a kept share below this is almost surely a drop share pasted into a keep share
 
 _SIGMA_EPS = 1e-8  # the running std starts at 0; without a floor the weights are 0/0
 
@@ -69,21 +96,25 @@ class Objective:
     dpop_placement: Literal["inside", "outside"] = "inside"
     dynamic_beta: bool = False
     beta_alpha: float = 0.6
-    beta_rho: float = 0.2
+    beta_keep: float = 0.8
     beta_momentum: float = 0.9
     beta_min: float = 1e-3
     seed: int | None = None
     name: str = "custom"
+    beta_rho: InitVar[float | None] = None  # removed (see RENAMED): refused with a line saying what replaces it
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, beta_rho: float | None = None) -> None:
+        if beta_rho is not None:
+            raise ValueError(RENAMED["beta_rho"])
         if self.beta <= 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if self.dpop_lambda < 0:
             raise ValueError(f"dpop_lambda must be >= 0, got {self.dpop_lambda}")
         if self.dpop_placement not in ("inside", "outside"):
             raise ValueError(f"dpop_placement must be 'inside' or 'outside', got {self.dpop_placement!r}")
-        if not 0.0 <= self.beta_rho < 1.0:
-            raise ValueError(f"beta_rho must be in [0, 1), got {self.beta_rho}")
+        if not MIN_KEEP <= self.beta_keep <= 1.0:
+            raise ValueError(f"beta_keep is the share of each batch KEPT (the paper's rho: 0.8 keeps 80%) and must be "
+                             f"in [{MIN_KEEP}, 1], got {self.beta_keep}; for a drop share d pass beta_keep = 1 - d")
         if not 0.0 <= self.beta_momentum < 1.0:
             raise ValueError(f"beta_momentum must be in [0, 1), got {self.beta_momentum}")
         # beta-DPO running state: plain attributes, not fields, so dataclasses.asdict(obj) is the
@@ -99,6 +130,9 @@ class Objective:
         freely, e.g. ``from_preset("beta-dpo", dpop_lambda=50.0, length_normalize=True)``."""
         if name not in PRESETS:
             raise ValueError(f"unknown objective preset {name!r}; presets: {', '.join(PRESETS)}")
+        renamed = [RENAMED[k] for k in sorted(overrides) if k in RENAMED]
+        if renamed:
+            raise ValueError("; ".join(renamed))
         allowed = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
@@ -131,6 +165,7 @@ class Objective:
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         r_w = policy_chosen_logps - ref_chosen_logps
         r_l = policy_rejected_logps - ref_rejected_logps
+        raw_gap = (r_w - r_l).detach()  # beta-DPO's M: summed, before LN, Minor's clamp and DPOP's penalty
         if self.length_normalize:
             if chosen_lengths is None or rejected_lengths is None:
                 raise ValueError("length_normalize=True needs chosen_lengths and rejected_lengths")
@@ -146,7 +181,7 @@ class Objective:
         mask = torch.ones_like(z, dtype=torch.bool)
         beta_stats: dict[str, Tensor | float] = {}
         if self.dynamic_beta:
-            beta, mask, beta_stats = self._dynamic_beta(z.detach(), update_stats)
+            beta, mask, beta_stats = self._dynamic_beta(raw_gap, update_stats)
         else:
             beta = self.beta
 
@@ -172,7 +207,8 @@ class Objective:
             "chosen_rewards": chosen_rewards,
             "rejected_rewards": rejected_rewards,
             "margins": chosen_rewards - rejected_rewards,
-            "gaps": z.detach(),
+            "gaps": raw_gap,  # M, what beta-DPO's statistics and filter see
+            "loss_margins": z.detach(),  # what beta multiplies in the loss (after LN, Minor, DPOP)
             **beta_stats,
         }
         return out, stats
@@ -180,7 +216,7 @@ class Objective:
     # ------------------------------------------------------------- beta-DPO
 
     def _dynamic_beta(self, gaps: Tensor, update_stats: bool) -> tuple[float, Tensor, dict[str, float]]:
-        """beta-DPO steps 1-4 on the detached local gaps; returns (beta_b, local mask, stats).
+        """beta-DPO steps 1-4 on the detached local raw gaps M; returns (beta_b, local mask, stats).
 
         Statistics, selection and beta_b use the gaps gathered from every process (as the
         reference does); each process then masks its own slice. The book-keeping runs on CPU in
@@ -197,9 +233,9 @@ class Objective:
         generator = self._generator if update_stats else _fresh_generator(self.seed)
 
         n = m.numel()
-        # floor(N(1-rho)) as the reference, but at least one pair so every step has a loss;
-        # +eps because N * (1 - rho) can land just below an integer in floating point.
-        k = max(1, math.floor(n * (1 - self.beta_rho) + 1e-9))
+        # floor(N * keep), the reference's floor(N(1 - rho_drop)), but at least one pair so every step
+        # has a loss; +eps because N * keep can land just below an integer in floating point.
+        k = max(1, math.floor(n * self.beta_keep + 1e-9))
         sigma = max(self.gap_std, _SIGMA_EPS)
         log_w = -0.5 * ((m - self.gap_mean) / sigma) ** 2
         keep = _sample_without_replacement(log_w, k, generator)

@@ -18,18 +18,23 @@ import hashlib
 import json
 import logging
 import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import torch
 
+from curation.errors import WinnowError
 from curation.manifest import REF_LOGP_COLUMNS as REF_COLUMNS
 from curation.manifest import ShardManifest, StageShard, folder_digest
 from training.config import TrainConfig, resolve_objective, trackers
 from training.trainer import MetricsRecorder, StepProgress, WinnowDPOTrainer
+
+if TYPE_CHECKING:
+    from training.online import OnlineContext, OnlinePool
 
 COMPLETE = "COMPLETE"
 TRL_TRUNCATION = "keep_start"  # DPOConfig's default, for direct calls that leave truncation_mode unset
@@ -62,6 +67,11 @@ class StageResult:
 def load_stage_frame(manifest: ShardManifest, entry: StageShard) -> pl.DataFrame:
     """The stage's shard, after checking its size and sha256 against the manifest."""
     return pl.read_parquet(manifest.verified_path(entry))
+
+
+def _is_conversational(frame: pl.DataFrame) -> bool:
+    """Message lists in the prompt column (TRL's conversational format) rather than text."""
+    return frame.schema["prompt"] != pl.String
 
 
 def _reference_logps(model, tokenizer, frame: pl.DataFrame, config: TrainConfig, progress: bool) -> pl.DataFrame:  # noqa: ANN001
@@ -222,12 +232,14 @@ def train_stages(
     callbacks: Sequence[Any] = (),
     progress: bool = True,
     refresh: bool = False,
+    online: OnlineContext | None = None,
 ) -> list[StageResult]:
     """Train every stage of a curated shard folder in order; resumes after completed stages.
 
     A completed stage is reused only when its fingerprint matches and its checkpoint passes its
     digest; once one stage is trained again, every later one is too (it starts from that model).
-    `refresh`: train every stage again, whatever is on disk.
+    `refresh`: train every stage again, whatever is on disk. ``online``: the run's catalog, which
+    online curation (``config.online_curation``) reads and writes.
     """
     config = config or TrainConfig()
     manifest = ShardManifest.load(shard_dir)
@@ -239,6 +251,7 @@ def train_stages(
     results: list[StageResult] = []
     fingerprint = ""
     retrain = refresh
+    pools: dict[str, OnlinePool] = {}  # online curation's pool, built at its first round
     for entry in stages:
         stage = entry.stage
         stage_dir = output_dir / f"stage-{stage}"
@@ -252,6 +265,8 @@ def train_stages(
         shutil.rmtree(stage_dir, ignore_errors=True)  # a partial or differently configured stage
         frame = load_stage_frame(manifest, entry)
         reference_source = _reference_plan(frame, stage, current, base_model, manifest, config, lengths)
+        frame, reference_source = _online_curation(stage, frame, reference_source, current, base_model, manifest,
+                                                   stages, config, lengths, output_dir, online, pools, progress)
         results.append(
             train_stage(stage, frame, current, stage_dir, config, manifest.advice, reference_source=reference_source,
                         metrics_sink=metrics_sink, callbacks=callbacks, progress=progress, fingerprint=fingerprint)
@@ -324,3 +339,62 @@ def _reference_plan(frame: pl.DataFrame, stage: int, current: str | Path, base_m
             and str(current) == str(base_model)):
         return "curation"
     return "recomputed"
+
+
+# -- online curation between stages (training/online.py) ------------------------------------------
+
+
+def _online_curation(stage: int, frame: pl.DataFrame, reference_source: str, current: str | Path,
+                     base_model: str | Path, manifest: ShardManifest, stages: list[StageShard], config: TrainConfig,
+                     lengths: TrainingLengths, output_dir: Path, online: OnlineContext | None,
+                     pools: dict[str, OnlinePool], progress: bool) -> tuple[pl.DataFrame, str]:
+    """Round k = stage - 1 of online curation, before stage k+1 trains (a no-op unless config.online_curation).
+
+    The pairs not yet taught are re-decided with the stage-k policy (``current``); the stage's frame
+    becomes the round's choice and carries that policy's log-probs, which are this stage's reference
+    log-probs, so none are recomputed (reference source ``online``). Needs the run's catalog.
+    """
+    if config.online_curation is False or stage == 1:
+        return frame, reference_source
+    from curation.lm.loading import load_model, load_tokenizer
+    from training.online import build_pool, online_round, write_round
+
+    blocker = _online_blocker(frame, online)
+    if blocker is not None:
+        if config.online_curation is True:  # asked for explicitly: say why it cannot run
+            raise WinnowError(f"online curation cannot run: {blocker}; set train.online_curation=false (or auto)")
+        warnings.warn(f"online curation skipped: {blocker}", stacklevel=2)  # auto: train as curated
+        return frame, reference_source
+
+    def score(model_path: str | Path, pairs: pl.DataFrame) -> pl.DataFrame:
+        return _reference_logps(load_model(model_path), load_tokenizer(model_path), pairs, config, progress)
+
+    if "pool" not in pools:
+        ref = manifest.reference
+        reuse = (manifest.ref_logps_included and config.reuse_reference_logps and ref.model is not None
+                 and str(ref.model) == str(base_model)
+                 and (ref.max_length, ref.truncation_mode) == (lengths.max_length, lengths.truncation_mode))
+        pools["pool"] = build_pool(online, manifest, [e for e in stages if e.stage > 1],
+                                   lambda e: load_stage_frame(manifest, e), base_model, score, reuse)
+    taught = {pid for done in range(1, stage)
+              for pid in pl.read_parquet(output_dir / f"stage-{done}" / REFERENCE_LOGPS_FILE)["pair_id"].to_list()}
+    beta = resolve_objective(config, manifest.advice).beta
+    rows, frames = online_round(online, stage - 1, current, pools["pool"], taught, beta, score)
+    write_round(online, stage - 1, rows)
+    return frames[stage], "online"
+
+
+def _online_blocker(frame: pl.DataFrame, online: OnlineContext | None) -> str | None:
+    """Why online curation cannot run here (None: it can)."""
+    if online is None:
+        return ("it needs the run's catalog (train through `winnow run`, or pass online=OnlineContext(catalog, run_id) "
+                "to train_stages)")
+    from curation.reads import has_rows
+
+    if not has_rows(online.catalog, "decisions", online.run_id):
+        return f"the catalog at {online.catalog.path} holds no curation decisions of run {online.run_id}"
+    if _is_conversational(frame):
+        return "it scores plain-text pairs and this run is conversational"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        return "it runs in single-process training only"
+    return None

@@ -46,6 +46,7 @@ class Arm:
     name: str
     description: str  # one line, shown in the report's setup
     train: ArmTrainer
+    curation: str = "default"  # which curation of the seed's pairs it trains on (training.gym.prepare.CURATIONS)
 
 
 _REGISTRY: dict[str, Arm] = {}
@@ -53,13 +54,13 @@ _REGISTRY: dict[str, Arm] = {}
 REFERENCE_DESCRIPTION = "the SFT'd start model itself (no preference training)"
 
 
-def register_arm(name: str, description: str) -> Callable[[ArmTrainer], ArmTrainer]:
-    """Register the decorated trainer as arm ``name``."""
+def register_arm(name: str, description: str, curation: str = "default") -> Callable[[ArmTrainer], ArmTrainer]:
+    """Register the decorated trainer as arm ``name`` (``curation``: the curation it trains on)."""
 
     def add(train: ArmTrainer) -> ArmTrainer:
         if name in _REGISTRY or name == "reference":
             raise ValueError(f"gym arm {name!r} is registered twice")
-        _REGISTRY[name] = Arm(name, description, train)
+        _REGISTRY[name] = Arm(name, description, train, curation)
         return train
 
     return add
@@ -86,9 +87,10 @@ def _trl_dpo(run: ArmRun) -> tuple[Path, int]:
     return _train_trl(run.config, run.data, run.raw.select(TRAIN_COLUMNS), run.out, run.counter), run.raw.height
 
 
-@register_arm("winnow-curated", "rules + beta-guided filter + 2 sDPO stages + advised objective")
+@register_arm("winnow-curated", "the product's defaults: rules + beta-guided filter (joint policy: 20% dropped "
+              "in all) + 2 sDPO stages + advised objective + online curation between the stages")
 def _winnow_curated(run: ArmRun) -> tuple[Path, int]:
-    return _train_curated(run.config, run.data, run.out, run.counter), run.data.kept_pairs
+    return _train_curated(run, "default")
 
 
 def _preset_arm(name: str, preset: str, description: str) -> None:
@@ -104,7 +106,7 @@ def _preset_arm(name: str, preset: str, description: str) -> None:
 _preset_arm("dpop", "dpop", "DPOP (lambda 50, beta 0.1), raw set")
 _preset_arm("ln-dpo", "ln-dpo", "LN-DPO (beta 2.0), raw set")
 _preset_arm("minor-dpo", "minor-dpo", "MinorDPO (beta 0.1), raw set")
-_preset_arm("beta-dpo", "beta-dpo", "beta-DPO (beta0 0.1, a 0.6, rho 0.2), raw set")
+_preset_arm("beta-dpo", "beta-dpo", "beta-DPO (beta0 0.1, a 0.6, keeps 80% of each batch), raw set")
 
 
 @register_arm("sdpo", "raw set in 2 margin-ordered stages, plain DPO")
@@ -123,6 +125,24 @@ def _offline_filter(run: ArmRun) -> tuple[Path, int]:
     kept = pl.read_parquet(run.data.kept_path)
     return _train_staged(run.config, run.data, [kept], "dpo", run.out, run.counter), kept.height
 
+
+# Ablations of the curated arm: one part removed, moved or added at a time (the effect table in GYM.md).
+def _curated_arm(name: str, description: str, curation: str, objective: str = "auto", online: bool | None = None) -> None:
+    def train(run: ArmRun) -> tuple[Path, int]:
+        return _train_curated(run, curation, objective=objective, online=online)
+
+    register_arm(name, description, curation)(train)
+
+
+_curated_arm("curated-no-filter", "winnow-curated without beta-guided filtering (no offline filter, beta-DPO keeps "
+             "every pair; beta still adapts)", "no-filter")
+_curated_arm("curated-in-batch", "winnow-curated with the 20% dropped in-batch instead (no offline filter, beta-DPO "
+             "keeps 80% of each batch)", "no-offline-filter")
+_curated_arm("curated-each", "winnow-curated with both filters at 80% each (~36% dropped, the policy `each`)", "each")
+_curated_arm("curated-one-stage", "winnow-curated in one stage (no sDPO)", "one-stage")
+_curated_arm("curated-dpo", "winnow-curated with plain DPO instead of the advised objective", "default", objective="dpo")
+_curated_arm("curated-no-online", "winnow-curated without online curation between the stages (curation's "
+             "decisions stand for every stage)", "default", online=False)
 
 ARMS: tuple[str, ...] = tuple(_REGISTRY)
 ARM_DESCRIPTIONS: dict[str, str] = {"reference": REFERENCE_DESCRIPTION,
@@ -149,11 +169,11 @@ def step_counter():  # noqa: ANN202 - a TrainerCallback, defined lazily so impor
     return StepCounter()
 
 
-def _train_config(config: GymConfig, objective: str, seed: int, epochs: float):  # noqa: ANN202 - TrainConfig
+def _train_config(config: GymConfig, objective: str, seed: int, epochs: float, **more: Any):  # noqa: ANN202
     from training.config import TrainConfig
 
     return TrainConfig(objective=objective, learning_rate=config.learning_rate, num_epochs=epochs,
-                       batch_size=config.batch_size, max_length=config.max_length, seed=seed, logging_steps=5)
+                       batch_size=config.batch_size, max_length=config.max_length, seed=seed, logging_steps=5, **more)
 
 
 def _train_trl(config: GymConfig, data: SeedData, frame: pl.DataFrame, out: Path, counter: Any) -> Path:
@@ -197,21 +217,31 @@ def _train_staged(config: GymConfig, data: SeedData, stages: list[pl.DataFrame],
     return Path(current)
 
 
-def _train_curated(config: GymConfig, data: SeedData, out: Path, counter: Any) -> Path:
-    """The pipeline path: curated shards through train_stages with objective auto (the advice).
+def _train_curated(run: ArmRun, curation: str, objective: str = "auto",
+                   online: bool | None = None) -> tuple[Path, int]:
+    """The pipeline path: a curation's shards through train_stages (objective auto: the advice).
 
     train_stages takes one TrainConfig for all stages, so each stage gets ``budget // stages``
     steps (its epochs set from the largest stage; curation splits evenly): never more than the
-    budget, at most ``stages - 1`` steps less.
+    budget, at most ``stages - 1`` steps less. ``online``: TrainConfig.online_curation (None: the
+    product default). Each arm trains against its own copy of the curation's catalog, so the rounds'
+    ``decision_rounds`` of one arm never meet another's (or the seed catalog's evals writes).
     """
     from curation.manifest import ShardManifest
+    from training.gym.prepare import copy_catalog
+    from training.online import OnlineContext
     from training.stages import train_stages
 
-    manifest = ShardManifest.load(data.shard_dir)
+    config, data = run.config, run.data
+    variant = data.variants[curation]
+    catalog = copy_catalog(variant.catalog_dir, run.out / "catalog")
+    manifest = ShardManifest.load(variant.shard_dir)
     sizes = [s.rows for s in manifest.stages]
     per_stage = max(1, data.steps // len(sizes))
     epochs = epochs_for_steps(per_stage, max(sizes), config.batch_size)
-    results = train_stages(data.shard_dir, data.model_path, out, _train_config(config, "auto", data.seed, epochs),
-                           callbacks=[counter], progress=False)
-    return Path(results[-1].model_dir)
+    more = {} if online is None else {"online_curation": online}
+    results = train_stages(variant.shard_dir, data.model_path, run.out,
+                           _train_config(config, objective, data.seed, epochs, **more), callbacks=[run.counter],
+                           progress=False, online=OnlineContext(catalog, data.run_id))
+    return Path(results[-1].model_dir), sum(r.pairs for r in results)
 

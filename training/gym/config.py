@@ -22,9 +22,9 @@ class GymConfig:
 
     seeds: tuple[int, ...] = (0, 1, 2)
     arms: tuple[str, ...] = ARMS
-    # the preference set (one per seed, seed = the gym seed)
+    # the preference set (one per noise level and seed, seed = the gym seed)
     size: int = 2400
-    label_noise: float = 0.2
+    noise_levels: tuple[float, ...] = (0.0, 0.2, 0.4)  # label noise: share of flipped pairs, one run per level
     verbosity_bias: float = 0.3
     low_edit_share: float = 0.3
     margin_spread: float = 1.0
@@ -50,15 +50,29 @@ class GymConfig:
             raise ValueError("the gym needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        if not self.noise_levels or len(set(self.noise_levels)) != len(self.noise_levels):
+            raise ValueError(f"noise levels must be distinct and at least one, got {self.noise_levels}")
+        if not all(0.0 <= n < 0.5 for n in self.noise_levels):
+            raise ValueError(f"noise levels are shares of flipped labels in [0, 0.5), got {self.noise_levels}")
 
-    def preference_config(self, seed: int) -> PreferenceSetConfig:
-        return PreferenceSetConfig(size=self.size, seed=seed, label_noise=self.label_noise,
+    @property
+    def primary_noise(self) -> float:
+        """The level the claims were first stated at (20%) when it runs, else the first level."""
+        return 0.2 if 0.2 in self.noise_levels else self.noise_levels[0]
+
+    def units(self) -> list[tuple[float, int]]:
+        """(noise level, seed) of every preparation, in report order."""
+        return [(noise, seed) for noise in self.noise_levels for seed in self.seeds]
+
+    def preference_config(self, seed: int, noise: float | None = None) -> PreferenceSetConfig:
+        noise = self.primary_noise if noise is None else noise
+        return PreferenceSetConfig(size=self.size, seed=seed, label_noise=noise,
                                    verbosity_bias=self.verbosity_bias, low_edit_share=self.low_edit_share,
                                    margin_spread=self.margin_spread, rating_noise=self.rating_noise)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["seeds"], out["arms"] = list(self.seeds), list(self.arms)
+        out["seeds"], out["arms"], out["noise_levels"] = list(self.seeds), list(self.arms), list(self.noise_levels)
         return out
 
     @classmethod
@@ -66,7 +80,8 @@ class GymConfig:
         """A cut-down gym for tests and smoke runs: small set, small model, few steps (not for claims)."""
         tiny = TinyModelConfig(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, sft_steps=40,
                                sft_batch_size=16)
-        base = {"seeds": (0,), "size": 160, "eval_prompts": 12, "eval_pairs": 16, "max_new_tokens": 12,
+        base = {"seeds": (0,), "noise_levels": (0.2,), "size": 160, "eval_prompts": 12, "eval_pairs": 16,
+                "max_new_tokens": 12,
                 "batch_size": 16, "tiny": tiny, "workers": 0}
         return cls(**{**base, **overrides})
 

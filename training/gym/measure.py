@@ -67,10 +67,11 @@ def has_filler(responses: Sequence[str]) -> np.ndarray:
 
 
 def summarise(per_seed: pl.DataFrame, metrics: Sequence[str]) -> pl.DataFrame:
-    """Mean, sample std (ddof 1; null for one seed), min and max across seeds, per arm and metric."""
+    """Mean, sample std (ddof 1; null for one seed), min and max across seeds, per (noise level,) arm and metric."""
     present = [m for m in metrics if m in per_seed.columns]
-    long = per_seed.unpivot(index=["arm", "seed"], on=present, variable_name="metric", value_name="value")
-    return (long.drop_nulls("value").group_by("arm", "metric", maintain_order=True)
+    keys = ["noise", "arm"] if "noise" in per_seed.columns else ["arm"]
+    long = per_seed.unpivot(index=[*keys, "seed"], on=present, variable_name="metric", value_name="value")
+    return (long.drop_nulls("value").group_by(*keys, "metric", maintain_order=True)
             .agg(mean=pl.col("value").mean(), std=pl.col("value").std(ddof=1), min=pl.col("value").min(),
                  max=pl.col("value").max(), seeds=pl.len()))
 

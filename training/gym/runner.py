@@ -1,9 +1,9 @@
-"""Running the gym: seeds and arms as jobs on a process pool (or inline), results into tables.
+"""Running the gym: noise levels, seeds and arms as jobs on a process pool (or inline), results into tables.
 
 Work runs in ``workers`` spawned processes (one torch thread each: the tiny model does not
 gain from a second thread, and two threads thrash on shared cores); ``workers=0`` runs in
-this process (tests). Each seed's preparation is one job; when it finishes, one job per arm
-of that seed is queued. `evals` rows go to each seed's catalog as results arrive (the
+this process (tests). Each (noise level, seed) preparation is one job; when it finishes, one
+job per arm of that unit is queued. `evals` rows go to each seed's catalog as results arrive (the
 catalog's one writer, ``Catalog.replace_slice``, through ``training.evaluate.write_eval_rows``).
 A plain library: no Prefect.
 """
@@ -17,7 +17,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,8 @@ def train_arm(config: GymConfig, data: SeedData, arm: str, heldout_dir: Path) ->
         eval_seconds = time.perf_counter() - tick
     result.samples.write_parquet(out / "samples.parquet")
     return {
-        "seed": data.seed, "arm": arm, "pairs": pairs, "steps": counter.steps, "stage_steps": counter.runs,
+        "noise": data.noise, "seed": data.seed, "arm": arm, "pairs": pairs, "steps": counter.steps,
+        "stage_steps": counter.runs,
         "train_seconds": train_seconds, "eval_seconds": eval_seconds, "metrics": dict(result.metrics),
         "rows": result.to_rows(data.run_id, arm), "policy": str(policy_path),
     }
@@ -116,15 +117,24 @@ class _Inline:
 @dataclass
 class GymResult:
     config: GymConfig
-    per_seed: pl.DataFrame  # one row per (seed, arm): metrics, steps, pairs, seconds
-    summary: pl.DataFrame  # arm, metric, mean, std, min, max, seeds
-    seeds: list[SeedData]
+    per_seed: pl.DataFrame  # one row per (noise, seed, arm): metrics, steps, pairs, seconds
+    summary: pl.DataFrame  # noise, arm, metric, mean, std, min, max, seeds
+    seeds: list[SeedData]  # one per (noise level, seed)
     wall_seconds: float
     heldout: dict[str, Any]
     machine: dict[str, Any]
 
-    def seed_data(self, seed: int) -> SeedData:
-        return next(s for s in self.seeds if s.seed == seed)
+    def seed_data(self, seed: int, noise: float | None = None) -> SeedData:
+        noise = self.config.primary_noise if noise is None else noise
+        return next(s for s in self.seeds if s.seed == seed and s.noise == noise)
+
+    def at(self, noise: float) -> GymResult:
+        """The result restricted to one noise level (what the per-level tables and claims read)."""
+        def level(frame: pl.DataFrame) -> pl.DataFrame:
+            return frame.filter(pl.col("noise") == noise) if "noise" in frame.columns else frame
+
+        return GymResult(replace(self.config, noise_levels=(noise,)), level(self.per_seed), level(self.summary),
+                         [s for s in self.seeds if s.noise == noise], self.wall_seconds, self.heldout, self.machine)
 
 
 def clear_previous(workdir: Path) -> list[Path]:
@@ -139,6 +149,8 @@ def clear_previous(workdir: Path) -> list[Path]:
         return removed
     for path in sorted(workdir.iterdir()):
         ours = (path.is_dir() and re.fullmatch(r"seed-\d+", path.name) and (path / "pairs.jsonl").is_file()) or (
+            path.is_dir() and re.fullmatch(r"noise-\d+", path.name)
+            and all(re.fullmatch(r"seed-\d+", p.name) for p in path.iterdir())) or (
             path.name in ("heldout", "logs") and path.is_dir()) or (
             path.name in ("per_seed.csv", "summary.csv", "gym.json") and path.is_file())
         if ours:
@@ -180,11 +192,12 @@ def run_gym(config: GymConfig, workdir: Path, log: Callable[[str], None] = print
     def stamp() -> str:
         return f"[{time.perf_counter() - started:6.1f}s]"
 
-    seeds: dict[int, SeedData] = {}
+    seeds: dict[tuple[float, int], SeedData] = {}
     arm_results: list[dict[str, Any]] = []
+    curations = sorted({get_arm(a).curation for a in config.arms} | {"default"})
     try:
-        pending = {executor.submit(prepare_seed, config, seed, workdir, heldout_dir): ("seed", seed, None)
-                   for seed in config.seeds}
+        pending = {executor.submit(prepare_seed, config, seed, workdir, heldout_dir, noise, curations):
+                   ("seed", (noise, seed), None) for noise, seed in config.units()}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -193,7 +206,7 @@ def run_gym(config: GymConfig, workdir: Path, log: Callable[[str], None] = print
                 if kind == "seed":
                     seeds[seed] = value
                     f = value.filter
-                    log(f"{stamp()} seed {seed}: {value.raw_pairs} pairs, reference built in "
+                    log(f"{stamp()} noise {value.noise:.0%} seed {value.seed}: {value.raw_pairs} pairs, reference built in "
                         f"{value.seconds['reference_sft']:.0f}s (gold {value.reference_eval.get('gold_reward', math.nan):.3f}); "
                         f"curation kept {value.kept_pairs}, filter precision {f['precision']:.2f} recall "
                         f"{f['recall']:.2f}; advice {value.advice['objective']} {value.advice['params']}; "
@@ -205,7 +218,8 @@ def run_gym(config: GymConfig, workdir: Path, log: Callable[[str], None] = print
                     arm_results.append(value)
                     _write_rows(Catalog(seeds[seed].dir), value["rows"])
                     m = value["metrics"]
-                    log(f"{stamp()} seed {seed} {arm:<15} {value['steps']:>4} steps  gold {m.get('gold_reward', math.nan):.3f}"
+                    log(f"{stamp()} noise {seed[0]:.0%} seed {seed[1]} {arm:<17} {value['steps']:>4} steps  "
+                        f"gold {m.get('gold_reward', math.nan):.3f}"
                         f"  win {m.get('win_rate', math.nan):.3f}  len {m.get('len_tokens', math.nan):5.2f}"
                         f"  drift(low) {m.get('chosen_drift_low_edit', math.nan):+.2f}  kl {m.get('kl', math.nan):.2f}"
                         f"  ({value['train_seconds']:.0f}s + {value['eval_seconds']:.0f}s)")
@@ -218,7 +232,7 @@ def run_gym(config: GymConfig, workdir: Path, log: Callable[[str], None] = print
     machine = {"cpus": _cpus(), "workers": config.workers, "loadavg_before": load_before, "loadavg_after": _loadavg()}
     heldout = {"prompts": len(prompts), "pairs": pairs.height, "low_edit_pairs": int(pairs["is_low_edit"].sum()),
                "eval_seed": config.eval_seed}
-    result = GymResult(config, per_seed, summary, [seeds[s] for s in config.seeds], wall, heldout, machine)
+    result = GymResult(config, per_seed, summary, [seeds[u] for u in config.units()], wall, heldout, machine)
     _save_raw(result, workdir)
     return result
 
@@ -235,14 +249,16 @@ def _write_rows(catalog: Any, rows: pl.DataFrame | None) -> None:
 def _per_seed_frame(config: GymConfig, seeds: list[SeedData], arms: list[dict[str, Any]]) -> pl.DataFrame:
     rows: list[dict[str, Any]] = []
     for data in seeds:
-        rows.append({"seed": data.seed, "arm": "reference", "pairs": 0, "steps": 0, "train_seconds": 0.0,
-                     "eval_seconds": data.seconds.get("reference_eval", 0.0), **data.reference_eval})
+        rows.append({"noise": data.noise, "seed": data.seed, "arm": "reference", "pairs": 0, "steps": 0,
+                     "train_seconds": 0.0, "eval_seconds": data.seconds.get("reference_eval", 0.0),
+                     **data.reference_eval})
     for r in arms:
-        rows.append({"seed": r["seed"], "arm": r["arm"], "pairs": r["pairs"], "steps": r["steps"],
+        rows.append({"noise": r["noise"], "seed": r["seed"], "arm": r["arm"], "pairs": r["pairs"], "steps": r["steps"],
                      "train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"], **r["metrics"]})
     order = {name: i for i, name in enumerate(("reference", *ARMS))}
     frame = pl.DataFrame(rows, infer_schema_length=None)
-    return frame.with_columns(_o=pl.col("arm").replace_strict(order, default=99)).sort("_o", "seed").drop("_o")
+    return (frame.with_columns(_o=pl.col("arm").replace_strict(order, default=99))
+            .sort("noise", "_o", "seed").drop("_o"))
 
 
 def _save_raw(result: GymResult, workdir: Path) -> None:
@@ -250,9 +266,11 @@ def _save_raw(result: GymResult, workdir: Path) -> None:
     result.summary.write_csv(workdir / "summary.csv")
     meta = {"config": result.config.to_dict(), "wall_seconds": result.wall_seconds, "machine": result.machine,
             "heldout": result.heldout,
-            "seeds": [{"seed": s.seed, "run_id": s.run_id, "model": s.model_path, "raw_pairs": s.raw_pairs,
-                       "kept_pairs": s.kept_pairs, "steps": s.steps, "advice": s.advice, "filter": s.filter,
-                       "quarantined": s.quarantined, "seconds": s.seconds} for s in result.seeds]}
+            "seeds": [{"noise": s.noise, "seed": s.seed, "run_id": s.run_id, "model": s.model_path,
+                       "raw_pairs": s.raw_pairs, "kept_pairs": s.kept_pairs, "steps": s.steps, "advice": s.advice,
+                       "filter": s.filter, "quarantined": s.quarantined, "seconds": s.seconds,
+                       "variants": {k: {"kept_pairs": v.kept_pairs, "advice": v.advice} for k, v in s.variants.items()}}
+                      for s in result.seeds]}
     (workdir / "gym.json").write_text(json.dumps(meta, indent=1, default=_json_default))
 
 
