@@ -25,7 +25,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from curation.errors import WinnowError
@@ -459,9 +459,25 @@ json_values = st.recursive(
 )
 
 
+@pytest.mark.parametrize("chunk", range(1, 10))
+def test_numbers_cut_at_a_chunk_boundary_are_read_whole(tmp_path: Path, monkeypatch, chunk: int) -> None:  # noqa: ANN001
+    """json stops a number where its pattern does ("-0" of "-0.0", "2" of "2e10"): the reader must read on."""
+    from curation.ingest import json_array
+
+    monkeypatch.setattr(json_array, "_CHUNK", chunk)
+    items = [[None], -0.0, 1.5, 2e10, 3e-2, -12, {"prompt": "p", "chosen": "c", "rejected": "r", "score": 0.25}]
+    path = write(tmp_path, {"a.json": json.dumps(items)})[0]
+    batches = list(read_json_array(Source("json", str(path)), 4, 10**6))
+    rejects = [r for b in batches for r in b.rejects]
+    assert [r["detail"] for r in rejects] == ["expected a JSON object, got list"] + [
+        f"expected a JSON object, got {kind}" for kind in ("float", "float", "float", "float", "int")]
+    assert [r for b in batches for r in b.records] == [(7, items[-1])]
+
+
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(items=st.lists(json_values, max_size=8), chunk=st.integers(1, 9), indent=st.sampled_from([None, 1]),
        cut=st.integers(0, 10**6), junk=st.sampled_from(["", ",", "]", "}", '"', "x", "\\"]))
+@example(items=[[None], -0.0], chunk=3, indent=None, cut=0, junk="")  # "-0" + ".0": a number cut at a chunk
 def test_json_array_reader_matches_json_and_never_crashes(tmp_path: Path, monkeypatch, items, chunk, indent, cut,
                                                           junk) -> None:  # noqa: ANN001
     """Any array, read through chunks of 1-9 characters: exactly json's elements; cut or spliced, rows and no crash."""

@@ -51,7 +51,8 @@ def test_report_html_in_a_real_browser(run, tmp_path: Path) -> None:
     assert log.errors == []
     # margin, edit distance, length gap, token lengths, training curves
     assert len(images) == 5 and all(i["complete"] and i["width"] > 0 for i in images), images
-    assert headings == ["Decisions by reason and stage", "Plots", "Filters", "Lengths", "Stages", "Objective advice",
+    assert headings == ["Decisions by reason and stage", "Plots", "Filters", "What was dropped, and where",
+                        "Near-duplicates and contamination", "Lengths", "Stages", "Objective advice",
                         "Training", "Evaluation", "Dropped pairs, by reason", "Ask the catalog"]
     dropped = catalog.query("SELECT reason, count(*) AS n FROM decisions WHERE run_id = ? AND NOT kept "
                             "AND reason != 'heldout' GROUP BY 1", [run_id])
@@ -88,7 +89,7 @@ def test_a_new_section_appears_in_markdown_and_html(run, tmp_path: Path, monkeyp
             Markdown(["| a | b |", "|---|---|", "| 1 | 2 |", "", "![extra plot](extra.png)", ""])])
 
     def written_as_markdown(run_id: str, data: dict) -> Section:  # a section of the old single-markdown report
-        return markdown_section("dups", ["## Near-duplicates", "", "**2 clusters**", "", _table(["size"], [[2]]), ""])
+        return markdown_section("dups", ["## Duplicates, old style", "", "**2 clusters**", "", _table(["size"], [[2]]), ""])
 
     monkeypatch.setattr("curation.report.SECTIONS", [*SECTIONS, extra, written_as_markdown])
     document = report_document(run_id, report_data(catalog, run_id))
@@ -96,8 +97,8 @@ def test_a_new_section_appears_in_markdown_and_html(run, tmp_path: Path, monkeyp
     assert "## Token lengths" in markdown and "over **max_length**: 3" in markdown and "![extra plot](extra.png)" in markdown
     assert "<h2>Token lengths</h2>" in html and "<strong>max_length</strong>" in html
     assert '<img src="data:image/png;base64,' in html.split("Token lengths")[-1]  # the markdown image, embedded
-    assert "## Near-duplicates\n\n**2 clusters**" in markdown and markdown.count("## Near-duplicates") == 1
-    assert '<section id="dups"><h2>Near-duplicates</h2>' in html and "<strong>2 clusters</strong>" in html
+    assert "## Duplicates, old style\n\n**2 clusters**" in markdown and markdown.count("## Duplicates, old style") == 1
+    assert '<section id="dups"><h2>Duplicates, old style</h2>' in html and "<strong>2 clusters</strong>" in html
 
 
 def test_pair_texts_cannot_inject_markup(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ _CHUNK = 1 << 20
 _OUTSIDE = re.compile(r'["\[\]{},]')  # what changes the scanner's state outside a string
 _INSIDE = re.compile(r'["\\]')  # ... and inside one
 _NOT_WS = re.compile(r"[^ \t\r\n]")
+_NUMBER_GOES_ON = frozenset(".eE+-0123456789")  # after a parsed value: a number cut at a chunk boundary
 
 
 class _Extent:
@@ -90,7 +91,9 @@ class ArrayStream:
         except (json.JSONDecodeError, RecursionError, BadValue):
             pass
         else:
-            if end < len(self.buffer) or self.eof:  # a number at the buffer's end may go on in the next chunk
+            # a number at the buffer's end may go on in the next chunk, and so may one cut before its
+            # fraction or exponent ("-0" of "-0.0": json stops where its number pattern does)
+            if self.eof or (end < len(self.buffer) and self.buffer[end] not in _NUMBER_GOES_ON):
                 raw = self.buffer[start:end]
                 self.pos = end
                 if end - start > self.max_bytes // 4 and len(raw.encode("utf-8", "surrogateescape")) > self.max_bytes:
