@@ -5,7 +5,7 @@ model folders, shards), so an edited file or setting recomputes and nothing else
 Digests of large files are remembered by (path, size, mtime) to keep lookups cheap.
 
 Why data-only results: Prefect persists a task's result as a record file under
-``<workdir>/.prefect-results/<cache key>``, and by default its payload is a cloudpickle that a
+``<workdir>/.prefect-results/<cache key>``, and by default its payload is a pickle (Prefect's default serializer) that a
 cache hit unpickles. Keys can be computed in advance, and workspaces are shared folders, so a
 planted file ran code on the next run. Worse, the record names its own serializer, and Prefect
 reads a record with the serializer the *record* names (even its ``json`` serializer imports

@@ -4,8 +4,8 @@ Why this package exists: curation scores pairs with the reference model (token l
 truncation flags, reference log-probs) and training reuses exactly those numbers instead of
 running the reference model again, so both sides must tokenise, load models and compute
 log-probs with the same code. That code lives here, below both of them, so that the layers
-point one way (flows -> training -> curation -> curation.lm) and curation never has to
-import training:
+point one way (flows -> training -> curation -> curation.lm) and curation never depends on
+the training package:
 
 * :mod:`curation.lm.tokenization`: pairs tokenised exactly as TRL's ``DPOTrainer`` does;
 * :mod:`curation.lm.logprobs`: reference log-probs equal to TRL's precompute pass, fast;
