@@ -19,6 +19,22 @@ import numpy as np
 
 from curation.lm.tokenization import TokenizedPairs
 
+
+def sliding_window_shorter_than(cfg, longest: int) -> bool:  # noqa: ANN001 - a transformers text config
+    """Whether some layer attends through a sliding window shorter than ``longest`` tokens.
+
+    Such layers see less than the whole sequence, which the fast layouts (one row holding
+    several sequences, or a shared prompt) would change; plain padded batches are exact.
+    """
+    layer_types = getattr(cfg, "layer_types", None) or []
+    window = getattr(cfg, "sliding_window", None)
+    if layer_types:
+        sliding = any("sliding" in str(t) for t in layer_types)
+    else:
+        sliding = window is not None and getattr(cfg, "use_sliding_window", True)
+    return bool(sliding) and (window is None or longest > window)
+
+
 logger = logging.getLogger("curation.lm.logprobs")  # the scorer's logger: one place to watch
 
 # Attention backends that are plain causal SDPA math and accept a ready 4D boolean mask
@@ -41,13 +57,7 @@ def _shared_blockers(model, longest: int) -> list[str]:
     attn = getattr(cfg, "_attn_implementation", None) or "eager"
     if attn not in _MASK4D_ATTENTION:
         why.append(f"attention backend {attn!r} (needs sdpa or eager)")
-    layer_types = getattr(cfg, "layer_types", None) or []
-    window = getattr(cfg, "sliding_window", None)
-    if layer_types:
-        sliding = any("sliding" in str(t) for t in layer_types)
-    else:
-        sliding = window is not None and getattr(cfg, "use_sliding_window", True)
-    if sliding and (window is None or longest > window):
+    if sliding_window_shorter_than(cfg, longest):
         why.append("sliding-window attention shorter than the sequences")
     if getattr(cfg, "model_type", None) in _NON_PLAIN_ATTENTION:
         why.append(f"{cfg.model_type} attention (sinks)")

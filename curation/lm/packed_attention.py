@@ -26,6 +26,8 @@ from contextlib import contextmanager
 
 import torch
 
+from curation.lm.fast_paths import sliding_window_shorter_than
+
 # No "sdpa" (or "flash", "flex") in the name: transformers would run its SDPA checks on it
 NAME = "winnow_packed_rows"
 
@@ -147,13 +149,8 @@ def packing_blockers(model, longest: int) -> list[str]:  # noqa: ANN001
     """
     cfg = model.config.get_text_config()
     why = []
-    layer_types = getattr(cfg, "layer_types", None) or []
     window = getattr(cfg, "sliding_window", None)
-    if layer_types:
-        sliding = any("sliding" in str(t) for t in layer_types)
-    else:
-        sliding = window is not None and getattr(cfg, "use_sliding_window", True)
-    if sliding and (window is None or longest > window):
+    if sliding_window_shorter_than(cfg, longest):
         why.append(f"sliding-window attention ({window}) shorter than the sequences ({longest})")
     if getattr(cfg, "attn_logit_softcapping", None) is not None:
         why.append("attention logit soft-capping")
