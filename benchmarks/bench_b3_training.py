@@ -376,15 +376,15 @@ def report(size: str, spec: dict[str, Any], params: int, ep: dict[str, Any], run
     return out
 
 
-def machine_line(args: argparse.Namespace) -> str:
+def machine_line(args: argparse.Namespace, load_start: float) -> str:
     import torch
 
     from benchmarks.common import describe_machine
 
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none"
-    load = os.getloadavg()
+    load = os.getloadavg()[0]
     return (describe_machine(("torch", "transformers", "trl", "accelerate", "datasets"), gpu, args.threads)
-            + f"; load average at start {load[0]:.1f} (shared machine)")
+            + f"; load average {load_start:.1f} at start, {load:.1f} at the end (shared machine)")
 
 
 def main() -> None:
@@ -453,6 +453,7 @@ def main() -> None:
             subprocess.run(cmd, check=True, env=env)
             return json.loads(out.read_text())
 
+        load_start = os.getloadavg()[0]
         for arm in args.arm:  # warm-up (page cache, .pyc, allocator): one step of each, untimed
             launch(arm, "warm", 1)
         runs = []
@@ -462,7 +463,7 @@ def main() -> None:
                 runs.append(launch(arm, f"round{r}"))
                 print(f"  {size} round {r + 1} {arm:14s} {runs[-1]['total_s']:.2f} s", file=sys.stderr, flush=True)
         ep = epoch_stats(work, spec, args.max_steps, args.conversational)
-        results.append(report(size, spec, params, ep, runs, args, machine_line(args)))
+        results.append(report(size, spec, params, ep, runs, args, machine_line(args, load_start)))
         args.threads = None if "--threads" not in sys.argv else args.threads
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
