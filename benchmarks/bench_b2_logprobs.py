@@ -52,7 +52,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from benchmarks.common import describe_machine  # noqa: E402
+from benchmarks.common import as_conversations, describe_machine  # noqa: E402
 from curation.lm.logprobs import score_tokenized  # noqa: E402
 from curation.lm.tokenization import tokenize_pairs  # noqa: E402
 
@@ -103,22 +103,6 @@ def make_pairs(
     chosens = [" " + text(rng.randint(lo, hi)) for _ in range(n)]
     rejecteds = [" " + text(rng.randint(lo, hi)) for _ in range(n)]
     return prompts, chosens, rejecteds
-
-
-def as_conversations(
-    prompts: list[str], chosens: list[str], rejecteds: list[str]
-) -> tuple[list[list[dict]], list[list[dict]], list[list[dict]]]:
-    """TRL's conversational layout of the same pairs: HH turns become user/assistant messages."""
-    import re
-
-    def turns(prompt: str) -> list[dict]:
-        parts = re.split(r"\n\n(Human|Assistant): ?", prompt)
-        msgs = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-                for who, text in zip(parts[1::2], parts[2::2], strict=True) if text.strip()]
-        return msgs or [{"role": "user", "content": prompt.strip()}]
-
-    return ([turns(p) for p in prompts], [[{"role": "assistant", "content": c.strip()}] for c in chosens],
-            [[{"role": "assistant", "content": r.strip()}] for r in rejecteds])
 
 
 def machine() -> str:

@@ -19,6 +19,13 @@ rotated order, after one untimed warm-up child of each:
 Same initial weights, pairs, batch size, seed (same batches in the same order), lr schedule,
 fp32 (bf16 on GPU with --dtype bf16) and thread count. The loss is logged every step.
 
+``--conversational``: the same pairs in TRL's conversational layout (message lists, made by
+:func:`benchmarks.common.as_conversations`, as B2 does) through the tokenizer's chat template in
+every arm: TRL's arms tokenise them by their own chat-template path; Winnow's arm runs
+``tokenize_conversations`` + ``score_tokenized`` for its reference columns and trains
+``WinnowDPOTrainer`` on the conversational frame with them, as ``training/stages.py`` does for
+conversational shards. The layout is built before the clock starts, in every arm.
+
 Reported: wall time of the whole path (and its phases), the ratio against each TRL arm (of
 medians, and the median of the per-round ratios), tokens/s (the epoch's real tokens, TRL's
 sequences without padding, over the whole path), the padding share of TRL's training batches
@@ -27,6 +34,8 @@ on CUDA ``max_memory_allocated``) and, on a GPU, model-FLOPs utilisation.
 
 Run (CPU, two sizes: the winnow-tiny shape and a ~23M model; ~25 min on 2 shared cores):
     nice -n 5 .venv/bin/python benchmarks/bench_b3_training.py --size tiny --size medium
+Conversations (chat template), tiny:
+    nice -n 5 .venv/bin/python benchmarks/bench_b3_training.py --size tiny --conversational
 GPU, a ~0.5B config in bf16 (see benchmarks/gpu_b2_b3.sh):
     .venv/bin/python benchmarks/bench_b3_training.py --size 0.5b --device cuda --dtype bf16
 """
@@ -112,12 +121,38 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def load_pairs(work: Path, spec: dict[str, Any], max_steps: int | None, conversational: bool):  # noqa: ANN201
+    """The benchmark's pairs (a polars frame): plain text, or the same pairs as TRL's message lists."""
+    import polars as pl
+
+    from benchmarks.common import as_conversations
+
+    frame = pl.read_parquet(work / "pairs.parquet")
+    if max_steps:
+        frame = frame.head(max_steps * spec["batch_size"])
+    if conversational:
+        names = ("prompt", "chosen", "rejected")
+        conversations = as_conversations(*(frame[c].to_list() for c in names))
+        frame = pl.DataFrame(dict(zip(names, conversations, strict=True)))
+    return frame
+
+
+def tokenize(tokenizer, frame, spec: dict[str, Any], conversational: bool):  # noqa: ANN001, ANN201
+    """Winnow's tokenisation of the pairs, as curation runs it: plain text or through the chat template."""
+    from curation.lm.tokenization import tokenize_conversations, tokenize_pairs
+
+    columns = [frame[c].to_list() for c in ("prompt", "chosen", "rejected")]
+    if conversational:
+        return tokenize_conversations(tokenizer, *columns, max_length=spec["max_length"],
+                                      truncation_mode="keep_start")
+    return tokenize_pairs(tokenizer, *columns, spec["max_length"], "keep_start")
+
+
 def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, result: Path) -> None:
     """Run one arm in this (fresh) process and write its numbers to ``result``."""
     import copy
 
     import datasets
-    import polars as pl
     import torch
     import transformers
     from datasets import Dataset
@@ -127,7 +162,6 @@ def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, 
 
     from curation.lm.loading import load_model, load_tokenizer
     from curation.lm.logprobs import score_tokenized
-    from curation.lm.tokenization import tokenize_pairs
     from training.objectives import Objective
     from training.trainer import REF_COLUMNS, WinnowDPOTrainer
 
@@ -138,9 +172,7 @@ def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, 
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(work / "model")
     base = load_model(work / "model", device=device, dtype=dtype)
-    frame = pl.read_parquet(work / "pairs.parquet")
-    if args.max_steps:
-        frame = frame.head(args.max_steps * spec["batch_size"])
+    frame = load_pairs(work, spec, args.max_steps, args.conversational)
     columns = [frame[c].to_list() for c in ("prompt", "chosen", "rejected")]
     losses: list[float] = []
 
@@ -176,7 +208,7 @@ def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, 
             torch.cuda.synchronize()
 
     phases: dict[str, float] = {}
-    stats: dict[str, Any] = {"arm": arm}
+    stats: dict[str, Any] = {"arm": arm, "conversational": args.conversational}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     stats["rss_before_mb"] = _rss_mb()
@@ -202,7 +234,7 @@ def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, 
         sync()
         phases["trainer init (tokenise)"] = time.perf_counter() - t0 - phases.get("reference pass", 0.0)
     else:
-        tokens = tokenize_pairs(tokenizer, *columns, spec["max_length"], "keep_start")
+        tokens = tokenize(tokenizer, frame, spec, args.conversational)
         phases["tokenise"] = time.perf_counter() - t0
         start = time.perf_counter()
         ref = score_tokenized(base, tokens, progress=False).select(REF_COLUMNS)
@@ -241,19 +273,14 @@ def child(arm: str, work: Path, spec: dict[str, Any], args: argparse.Namespace, 
 # ---------------------------------------------------------------------------------- report
 
 
-def epoch_stats(work: Path, spec: dict[str, Any], max_steps: int | None) -> dict[str, Any]:
+def epoch_stats(work: Path, spec: dict[str, Any], max_steps: int | None, conversational: bool) -> dict[str, Any]:
     """Token counts of the epoch (TRL's sequences), the padding of TRL's precompute pass, length spread."""
     import numpy as np
-    import polars as pl
 
     from curation.lm.loading import load_tokenizer
-    from curation.lm.tokenization import tokenize_pairs
 
-    frame = pl.read_parquet(work / "pairs.parquet")
-    if max_steps:
-        frame = frame.head(max_steps * spec["batch_size"])
-    tp = tokenize_pairs(load_tokenizer(work / "model"), frame["prompt"].to_list(), frame["chosen"].to_list(),
-                        frame["rejected"].to_list(), spec["max_length"], "keep_start")
+    frame = load_pairs(work, spec, max_steps, conversational)
+    tp = tokenize(load_tokenizer(work / "model"), frame, spec, conversational)
     k = tp.keep
     p = np.minimum(tp.prompt_lengths, spec["max_length"])[k]
     c, r = tp.chosen_lengths[k], tp.rejected_lengths[k]
@@ -283,7 +310,8 @@ def report(size: str, spec: dict[str, Any], params: int, ep: dict[str, Any], run
     by = {a: [r for r in runs if r["arm"] == a] for a in args.arm}
     med = {a: statistics.median(r["total_s"] for r in rs) for a, rs in by.items()}
     rounds = len(by[args.arm[0]])
-    lines = [f"\n**B3, {size}**: Llama {spec['layers']} layers x {spec['hidden']} (ffn {spec['intermediate']}, vocab "
+    kind = "conversations (chat template)" if args.conversational else "plain text"
+    lines = [f"\n**B3, {size}, {kind}**: Llama {spec['layers']} layers x {spec['hidden']} (ffn {spec['intermediate']}, vocab "
              f"{spec['vocab']}, {spec['heads']}/{spec['kv_heads']} heads), {params / 1e6:.2f} M params, {args.dtype} on "
              f"{args.device}, {args.threads} torch thread(s). {ep['pairs']} HH-like pairs (prompt tokens min/median/"
              f"p90/max {ep['prompt_pct']}, completions {ep['completion_pct']}; max_length {spec['max_length']} "
@@ -317,7 +345,7 @@ def report(size: str, spec: dict[str, Any], params: int, ep: dict[str, Any], run
         cpu = statistics.median(r["cpu_s"] for r in rs)
         lines.append(f"| {arm} | {med[arm]:.2f} | {each} | {cpu:.1f} | {phases}{mfu} | {ep['real_tokens'] / med[arm]:.0f} | "
                      f"{run / ep['real_tokens']:.2f} | {padding} | {memtxt} |")
-    out: dict[str, Any] = {"size": size, "medians": med, "runs": runs, "epoch": ep, "params": params}
+    out: dict[str, Any] = {"size": size, "kind": kind, "medians": med, "runs": runs, "epoch": ep, "params": params}
     lines.append("")
     for target in ("trl-best", "trl-live"):
         if "winnow" not in by or target not in by:
@@ -348,15 +376,15 @@ def report(size: str, spec: dict[str, Any], params: int, ep: dict[str, Any], run
     return out
 
 
-def machine_line(args: argparse.Namespace) -> str:
+def machine_line(args: argparse.Namespace, load_start: float) -> str:
     import torch
 
     from benchmarks.common import describe_machine
 
     gpu = torch.cuda.get_device_name(0) if args.device == "cuda" else "none"
-    load = os.getloadavg()
+    load = os.getloadavg()[0]
     return (describe_machine(("torch", "transformers", "trl", "accelerate", "datasets"), gpu, args.threads)
-            + f"; load average at start {load[0]:.1f} (shared machine)")
+            + f"; load average {load_start:.1f} at start, {load:.1f} at the end (shared machine)")
 
 
 def main() -> None:
@@ -365,6 +393,8 @@ def main() -> None:
     ap.add_argument("--arm", action="append", choices=ARMS, help=f"arms (default: {', '.join(ARMS[:3])})")
     ap.add_argument("--pairs", type=int, default=None, help="override the size's number of pairs")
     ap.add_argument("--max-steps", type=int, default=None, help="only the first N batches' pairs (smoke runs)")
+    ap.add_argument("--conversational", action="store_true",
+                    help="the same pairs as message lists through the chat template (TRL's conversational layout)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -415,12 +445,15 @@ def main() -> None:
                    "--threads", str(args.threads), "--seed", str(args.seed), "--winnow-packing", args.winnow_packing]
             if args.pairs:
                 cmd += ["--pairs", str(args.pairs)]
+            if args.conversational:
+                cmd.append("--conversational")
             if steps or args.max_steps:
                 cmd += ["--max-steps", str(steps or args.max_steps)]
             env = dict(os.environ, HF_DATASETS_CACHE=tempfile.mkdtemp(prefix="winnow_b3_ds_"))
             subprocess.run(cmd, check=True, env=env)
             return json.loads(out.read_text())
 
+        load_start = os.getloadavg()[0]
         for arm in args.arm:  # warm-up (page cache, .pyc, allocator): one step of each, untimed
             launch(arm, "warm", 1)
         runs = []
@@ -429,8 +462,8 @@ def main() -> None:
             for arm in order:
                 runs.append(launch(arm, f"round{r}"))
                 print(f"  {size} round {r + 1} {arm:14s} {runs[-1]['total_s']:.2f} s", file=sys.stderr, flush=True)
-        ep = epoch_stats(work, spec, args.max_steps)
-        results.append(report(size, spec, params, ep, runs, args, machine_line(args)))
+        ep = epoch_stats(work, spec, args.max_steps, args.conversational)
+        results.append(report(size, spec, params, ep, runs, args, machine_line(args, load_start)))
         args.threads = None if "--threads" not in sys.argv else args.threads
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-__all__ = ["cpu_model", "describe_machine", "hh_like_pairs", "usable_cores"]
+__all__ = ["as_conversations", "cpu_model", "describe_machine", "hh_like_pairs", "usable_cores"]
 
 
 def cpu_model() -> str:
@@ -77,3 +78,18 @@ def hh_like_pairs(n: int, seed: int, vocabulary: int = 400, scale: float = 1.0) 
         prompts.append(prompt + "\n\nAssistant:")
     return {"prompt": prompts, "chosen": [" " + text(k) for k in chosen_len.tolist()],
             "rejected": [" " + text(k) for k in rejected_len.tolist()]}
+
+
+def as_conversations(
+    prompts: list[str], chosens: list[str], rejecteds: list[str]
+) -> tuple[list[list[dict]], list[list[dict]], list[list[dict]]]:
+    """TRL's conversational layout of the same pairs: HH turns become user/assistant messages."""
+
+    def turns(prompt: str) -> list[dict]:
+        parts = re.split(r"\n\n(Human|Assistant): ?", prompt)
+        msgs = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[1::2], parts[2::2], strict=True) if text.strip()]
+        return msgs or [{"role": "user", "content": prompt.strip()}]
+
+    return ([turns(p) for p in prompts], [[{"role": "assistant", "content": c.strip()}] for c in chosens],
+            [[{"role": "assistant", "content": r.strip()}] for r in rejecteds])
