@@ -238,7 +238,7 @@ def is_transient(exc: BaseException | None) -> bool:
     """Worth a retry: a network hiccup, or another process holding the catalog's write lock."""
     if exc is None:
         return False
-    if isinstance(exc, TRANSIENT | CatalogBusyError):
+    if isinstance(exc, (*TRANSIENT, CatalogBusyError)):
         return True
     text = str(exc).lower()
     return "could not set lock" in text or "conflicting lock" in text or "resource temporarily unavailable" in text
