@@ -40,6 +40,7 @@ from rich.text import Text
 
 from curation.jsonable import json_safe
 from curation.progress import Bar, NullBar, StepEvent, use_sink
+from curation.report_doc import cell_text
 
 PREFECT_CONSOLE_LEVEL_ENV = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"
 STARTING = "prefect"  # the pseudo-step before the first task: Prefect starting its temporary API
@@ -335,14 +336,6 @@ class Output:
 # -- tables that never cut a value ----------------------------------------------------------------
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def print_frame(frame, console: Console, title: str | None = None) -> None:  # noqa: ANN001 - polars frame
     """A polars frame as a table when it fits the console, else as key/value lines; no value is ever cut.
 
@@ -350,7 +343,7 @@ def print_frame(frame, console: Console, title: str | None = None) -> None:  # n
     the full width each column needs is measured, and when the table does not fit every row is
     printed as ``column: value`` lines the terminal wraps (copy-paste gives the whole value).
     """
-    rows = [[_cell(v) for v in row] for row in frame.iter_rows()]
+    rows = [[cell_text(v) for v in row] for row in frame.iter_rows()]
     widths = [max([len(name), *(len(r[i]) for r in rows)]) for i, name in enumerate(frame.columns)]
     needed = sum(widths) + 3 * len(widths) + 1
     if needed <= console.width:
