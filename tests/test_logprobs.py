@@ -100,18 +100,14 @@ def _columns():
 @pytest.fixture(scope="module")
 def trl_runs(tokenizer, tmp_path_factory):
     """TRL's own prepared dataset + precompute pass, per (max_length, truncation_mode)."""
-    import datasets
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    cache = tmp_path_factory.mktemp("hf_datasets")
-    old = os.environ.get("HF_DATASETS_CACHE"), datasets.config.HF_DATASETS_CACHE
-    os.environ["HF_DATASETS_CACHE"] = str(cache)
-    datasets.config.HF_DATASETS_CACHE = cache
-    datasets.disable_progress_bars()
+    from tests.chat_families import datasets_cache
+
     prompts, chosens, rejecteds = _columns()
     runs = {}
-    try:
+    with datasets_cache(tmp_path_factory.mktemp("hf_datasets")):
         for max_length, mode in [
             (None, "keep_start"),
             (SMALL_MAX_LENGTH, "keep_start"),
@@ -133,12 +129,6 @@ def trl_runs(tokenizer, tmp_path_factory):
             ds = Dataset.from_dict({"prompt": prompts, "chosen": chosens, "rejected": rejecteds})
             trainer = DPOTrainer(model=trl_model, args=args, train_dataset=ds, processing_class=tokenizer)
             runs[(max_length, mode)] = (trainer.train_dataset, trainer.data_collator)
-    finally:
-        if old[0] is None:
-            os.environ.pop("HF_DATASETS_CACHE", None)
-        else:
-            os.environ["HF_DATASETS_CACHE"] = old[0]
-        datasets.config.HF_DATASETS_CACHE = old[1]
     return runs
 
 
